@@ -1,0 +1,81 @@
+"""The CLI's one output object: data on stdout (human or ``--json``), diagnostics on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Output:
+    def __init__(self, *, as_json: bool):
+        self.as_json = as_json
+        self._console = None
+        self._err_console = None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=True)
+        return self._console
+
+    @property
+    def err(self):
+        if self._err_console is None:
+            from rich.console import Console
+
+            self._err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err_console
+
+    def result(self, data: Any, render: Callable[[Any], None]) -> None:
+        """Emit the command's result: JSON for machines, ``render`` for people."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        else:
+            render(data)
+
+    def warn(self, message: str) -> None:
+        if not self.as_json:
+            self.err.print(f"[yellow]warning:[/] {message}", markup=True)
+        else:
+            sys.stderr.write(f"warning: {message}\n")
+
+    @contextmanager
+    def progress(self, description: str, total_bytes: int) -> Iterator[Callable[[int], None]]:
+        """A byte progress bar on a terminal; a no-op callback otherwise. Thread-safe."""
+        if self.as_json or not sys.stderr.isatty() or total_bytes < 64 * 1024 * 1024:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), console=self.err, transient=True) as bar:
+            task = bar.add_task(description, total=total_bytes)
+            yield lambda n: bar.advance(task, n)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def human_age(unix: float | None) -> str:
+    if unix is None:
+        return "-"
+    seconds = max(0.0, time.time() - unix)
+    for limit, unit in ((120, "s"), (7200, "min"), (172800, "h")):
+        if seconds < limit:
+            divisor = {"s": 1, "min": 60, "h": 3600}[unit]
+            return f"{seconds / divisor:.0f} {unit}"
+    return f"{seconds / 86400:.1f} d"

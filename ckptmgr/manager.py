@@ -1,0 +1,413 @@
+"""CheckpointManager: one run directory, one writer.
+
+The manager orchestrates; the details live below it: names (naming), the
+commit protocol (commit), verification and resolution (verify, catalog),
+retention policies (retention), the writer lock (lock) and the run journal.
+
+A save is *acknowledged* (``save`` returns, the ``stage`` block exits) only
+after the checkpoint is published, synced and the durability hook returned.
+Only then is ``last`` moved and retention run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import catalog
+from .catalog import Candidate, Checkpoint
+from .commit import ManifestFields, StagedCheckpoint, abandon
+from .errors import (
+    CommitError,
+    ConfigMismatchError,
+    NoValidCheckpointError,
+    UsageError,
+    from_os_error,
+)
+from .journal import append_event
+from .lock import WriterLock
+from .naming import (
+    DEFAULT_TEMPLATE,
+    LAST_NAME,
+    QUARANTINE_DIR,
+    checkpoint_name,
+    is_staging,
+    is_trash,
+    parse_name,
+    staging_name,
+    trash_name,
+    versioned,
+)
+from .retention import KeepEpochEnds, KeepEveryNSteps, KeepLast, RetentionPolicy, select_for_deletion
+from .storage import DurabilityHook, LocalStorage, NoDurabilityHook, Storage
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_NAME = "checkpoint.pt"
+
+
+class Staging:
+    """What ``CheckpointManager.stage`` yields: a directory to write into."""
+
+    def __init__(self, staged: StagedCheckpoint):
+        self._staged = staged
+        self.checkpoint: Checkpoint | None = None  # set once the block committed
+
+    @property
+    def path(self) -> str:
+        return self._staged.path
+
+    def open_file(self, relpath: str):
+        """Write a payload file hashed in one pass (preferred over writing by path)."""
+        return self._staged.open_file(relpath)
+
+
+class CheckpointManager:
+    """Atomic, verified checkpoints in one run directory."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        keep_last: int | None = 3,
+        keep_every_n_steps: int | None = None,
+        keep_epochs: int | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        last_alias: str | None = LAST_NAME,
+        config_fingerprint: str | None = None,
+        storage: Storage | None = None,
+        durability: DurabilityHook | None = None,
+        durability_timeout_s: float = 600.0,
+        lock_timeout_s: float = 0.0,
+        workers: int | None = None,
+    ):
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.policies = _policies(keep_last, keep_every_n_steps, keep_epochs)
+        if durability_timeout_s <= 0:
+            raise UsageError(None, f"durability_timeout_s must be > 0, got {durability_timeout_s}")
+        self.template = template
+        self.last_alias = last_alias
+        self.config_fingerprint = config_fingerprint
+        self.storage: Storage = storage or LocalStorage()
+        self.durability: DurabilityHook = durability or NoDurabilityHook()
+        self.durability_timeout_s = durability_timeout_s
+        self.workers = workers
+        self.invocation = uuid.uuid4().hex[:12]
+        self._lock = WriterLock(self.run_dir, timeout=lock_timeout_s)
+        self._sequence: int | None = None
+
+    # -- writer lifecycle -------------------------------------------------
+    def open(self) -> CheckpointManager:
+        """Take the writer lock and clean up leftovers of crashed saves. Idempotent."""
+        if self._lock.held:
+            return self
+        try:
+            self.storage.makedirs(self.run_dir)
+        except OSError as exc:
+            raise from_os_error(self.run_dir, "creating the run directory", exc) from exc
+        self._lock.acquire()
+        self.cleanup()
+        append_event(self.run_dir, "open", invocation=self.invocation, pid=os.getpid())
+        return self
+
+    def close(self) -> None:
+        if self._lock.held:
+            append_event(self.run_dir, "close", invocation=self.invocation)
+            self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self.open()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def holds_lock(self) -> bool:
+        return self._lock.held
+
+    # -- saving -----------------------------------------------------------
+    def save(
+        self,
+        obj: Any,
+        *,
+        step: int,
+        epoch: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        epoch_end: bool = False,
+        name: str | None = None,
+    ) -> Checkpoint:
+        """Save ``obj`` with ``torch.save`` as a single-payload checkpoint."""
+        import torch  # imported here: readers of checkpoints never need torch
+
+        with self.stage(step=step, epoch=epoch, metadata=metadata, epoch_end=epoch_end, name=name,
+                        kind="torch", load_path=PAYLOAD_NAME) as staging:
+            with staging.open_file(PAYLOAD_NAME) as f:
+                torch.save(obj, f)
+        assert staging.checkpoint is not None
+        return staging.checkpoint
+
+    @contextmanager
+    def stage(
+        self,
+        *,
+        step: int,
+        epoch: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        epoch_end: bool = False,
+        name: str | None = None,
+        kind: str = "files",
+        load_path: str = ".",
+        world_size: int = 1,
+        layout: dict[str, Any] | None = None,
+        staging_token: str | None = None,
+    ) -> Iterator[Staging]:
+        """Yield a staging directory; leaving the block commits it, an exception abandons it."""
+        _check_step(step, epoch)
+        self.open()
+        target = name or checkpoint_name(step, epoch, self.template)
+        fields = ManifestFields(
+            step=step, epoch=epoch, kind=kind, load_path=load_path, epoch_end=epoch_end,
+            world_size=world_size, layout=dict(layout or {}), config_fingerprint=self.config_fingerprint,
+            metadata=dict(metadata or {}),
+        )
+        staged = StagedCheckpoint(self.storage, self.run_dir, staging_name(target, staging_token), fields)
+        staged.create()
+        handle = Staging(staged)
+        try:
+            yield handle
+        except BaseException:
+            abandon(self.storage, staged.path)
+            raise
+        handle.checkpoint = self._commit(staged, target)
+
+    def _commit(self, staged: StagedCheckpoint, target: str) -> Checkpoint:
+        sequence = self._next_sequence()
+        name = self._free_name(target)
+        try:
+            path, manifest = staged.finalize(name=name, sequence=sequence, workers=self.workers)
+        except BaseException:
+            abandon(self.storage, staged.path)
+            raise
+        self._sequence = sequence
+        t0 = time.perf_counter()
+        self._make_durable(path)
+        durable_seconds = time.perf_counter() - t0
+        # Acknowledged from here on: only now may `last` move and old checkpoints go.
+        self._update_last(name)
+        self._apply_retention(sequence)
+        append_event(
+            self.run_dir, "save", invocation=self.invocation, name=name, step=manifest.step,
+            epoch=manifest.epoch, sequence=sequence, bytes=manifest.total_bytes,
+            seconds=round(time.time() - staged.started, 6), durable_seconds=round(durable_seconds, 6),
+        )
+        return Checkpoint(path, manifest)
+
+    def _next_sequence(self) -> int:
+        if self._sequence is None:
+            sequences = [c.manifest.sequence for c in catalog.scan(self.run_dir) if c.manifest]
+            self._sequence = max(sequences, default=0)
+        return self._sequence + 1
+
+    def _free_name(self, target: str) -> str:
+        name, version = target, 0
+        while os.path.lexists(os.path.join(self.run_dir, name)):
+            version += 1
+            name = versioned(target, version)
+        return name
+
+    def _make_durable(self, path: str) -> None:
+        """Run the durability hook with a timeout; a failure means 'not acknowledged'."""
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                self.durability.persist(path)
+                outcome.append(None)
+            except BaseException as exc:  # carried to the caller's thread below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, name="ckptmgr-durability", daemon=True)
+        worker.start()
+        worker.join(self.durability_timeout_s)
+        if not outcome:
+            raise CommitError(path, f"durability hook did not return within {self.durability_timeout_s:g} s; "
+                                    "the save is not acknowledged")
+        if outcome[0] is not None:
+            raise CommitError(path, f"durability hook failed ({outcome[0]!r}); the save is not acknowledged") \
+                from outcome[0]
+
+    # -- last alias, retention, deletion ----------------------------------
+    def _update_last(self, name: str) -> None:
+        if self.last_alias is None:
+            return
+        alias = os.path.join(self.run_dir, self.last_alias)
+        tmp = os.path.join(self.run_dir, staging_name(self.last_alias))
+        try:
+            self._displace_foreign_last(alias)
+            self.storage.symlink(name, tmp)
+            self.storage.replace(tmp, alias)
+            self.storage.sync_dir(self.run_dir)
+        except OSError as exc:
+            # `last` is only a hint; a failure to move it never fails the save.
+            log.warning("[ckptmgr] %s: could not update the last alias: %s", alias, exc)
+            abandon(self.storage, tmp)
+
+    def _displace_foreign_last(self, alias: str) -> None:
+        """A real file or directory under the alias name is user data: move it aside, never delete."""
+        if os.path.islink(alias) or not os.path.lexists(alias):
+            return
+        aside = f"{alias}.displaced-{int(time.time())}"
+        log.warning("[ckptmgr] %s is not an alias; moving it to %s", alias, aside)
+        self.storage.rename_noreplace(alias, aside)
+
+    def _apply_retention(self, just_committed: int) -> None:
+        if not self.policies:
+            return
+        candidates = catalog.scan(self.run_dir)
+        managed = [c for c in candidates if c.manifest and c.alias_of is None and not parse_name(c.name).is_last]
+        protected = set()
+        target = catalog.last_target(self.run_dir, self.last_alias) if self.last_alias else None
+        by_name = {c.name: c for c in managed}
+        if target in by_name:
+            protected.add(by_name[target].manifest.sequence)  # type: ignore[union-attr]
+        ordered = [c.manifest for c in managed]
+        doomed = select_for_deletion(ordered, self.policies, just_committed=just_committed, protected=protected)
+        by_sequence = {c.manifest.sequence: c for c in managed}  # type: ignore[union-attr]
+        for manifest in doomed:
+            self.delete(by_sequence[manifest.sequence].path)
+
+    def delete(self, path: str) -> None:
+        """Delete a checkpoint crash-safely: rename to a trash name first, then remove."""
+        self.open()
+        path = os.path.join(self.run_dir, os.path.basename(path))
+        trash = os.path.join(self.run_dir, trash_name(os.path.basename(path)))
+        try:
+            self.storage.rename_noreplace(path, trash)
+            self.storage.sync_dir(self.run_dir)
+        except OSError as exc:
+            raise from_os_error(path, "moving a checkpoint to trash", exc) from exc
+        try:
+            self.storage.remove_tree(trash)
+        except OSError as exc:
+            log.warning("[ckptmgr] %s: left in trash, removal failed: %s", trash, exc)
+        append_event(self.run_dir, "delete", invocation=self.invocation, name=os.path.basename(path))
+
+    def quarantine(self, path: str, reason: str) -> str:
+        """Move a corrupt checkpoint aside into .ckptmgr/quarantine/ (never deleted)."""
+        self.open()
+        qdir = os.path.join(self.run_dir, QUARANTINE_DIR)
+        dest = os.path.join(qdir, f"{os.path.basename(path)}.{int(time.time())}")
+        try:
+            self.storage.makedirs(qdir)
+            self.storage.rename_noreplace(path, dest)
+            self.storage.sync_dir(self.run_dir)
+            self.storage.sync_dir(qdir)
+        except OSError as exc:
+            raise from_os_error(path, "quarantining a corrupt checkpoint", exc) from exc
+        log.warning("[ckptmgr] quarantined %s -> %s: %s", path, dest, reason)
+        append_event(self.run_dir, "quarantine", invocation=self.invocation, name=os.path.basename(path),
+                     reason=reason)
+        return dest
+
+    def cleanup(self) -> list[str]:
+        """Remove staging and trash leftovers of crashed saves (lock holder only)."""
+        removed = []
+        with os.scandir(self.run_dir) as entries:
+            leftovers = [e.path for e in entries if is_staging(e.name) or is_trash(e.name)]
+        for path in leftovers:
+            try:
+                self.storage.remove_tree(path)
+                removed.append(path)
+            except OSError as exc:
+                log.warning("[ckptmgr] %s: could not remove leftover: %s", path, exc)
+        return removed
+
+    # -- reading ----------------------------------------------------------
+    def checkpoints(self, *, quick: bool = False) -> list[Candidate]:
+        """Every candidate, newest first, each verified (``.result``)."""
+        from .verify import verify_checkpoint
+
+        candidates = catalog.scan(self.run_dir)
+        for c in candidates:
+            if c.alias_of is None and (c.manifest is not None or c.legacy):
+                try:
+                    c.result = verify_checkpoint(c.path, quick=quick, workers=self.workers)
+                except Exception as exc:  # a vanished or foreign entry: report, don't stop
+                    c.problem = str(exc)
+        return candidates
+
+    def resolve(self, *, quick: bool = False, quarantine: bool = False, strict: bool = False) -> Checkpoint | None:
+        """The newest checkpoint that verifies.
+
+        ``quarantine`` moves corrupt managed candidates aside (writer only).
+        ``strict`` raises :class:`NoValidCheckpointError` when candidates exist
+        but none verifies, instead of returning None.
+        """
+        skipped: list[tuple[Candidate, str]] = []
+        found = catalog.resolve(self.run_dir, quick=quick, on_skip=lambda c, r: skipped.append((c, r)))
+        if quarantine:
+            for candidate, reason in skipped:
+                if not candidate.legacy and (found is None or candidate.order_key > _key(found)):
+                    self.quarantine(candidate.path, reason)
+        if found is None and strict and skipped:
+            details = "; ".join(f"{c.name}: {r}" for c, r in skipped)
+            raise NoValidCheckpointError(self.run_dir, f"{len(skipped)} candidate(s), none valid ({details})",
+                                         hint="inspect with `ckptmgr list`; start fresh only on purpose")
+        return found
+
+    def load(self, checkpoint: Checkpoint | None = None, *, map_location: Any = "cpu",
+             weights_only: bool = True, force_config: bool = False) -> Any:
+        """Resolve (unless given) and load a single-payload checkpoint."""
+        import torch
+
+        if checkpoint is None:
+            checkpoint = self.resolve(quarantine=self.holds_lock, strict=True)
+            if checkpoint is None:
+                raise NoValidCheckpointError(self.run_dir, "no checkpoint to load")
+        self.check_config(checkpoint, force=force_config)
+        if checkpoint.manifest.kind != "torch" and not os.path.isfile(checkpoint.load_path):
+            raise UsageError(checkpoint.path, f"a {checkpoint.manifest.kind!r} checkpoint is not one torch file; "
+                                              "load Checkpoint.load_path with its own loader")
+        return torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only)
+
+    def check_config(self, checkpoint: Checkpoint, *, force: bool = False) -> None:
+        theirs = checkpoint.manifest.config_fingerprint
+        if self.config_fingerprint is None or theirs is None or theirs == self.config_fingerprint:
+            return
+        if force:
+            log.warning("[ckptmgr] %s: config fingerprint differs (%s != %s); loading anyway (forced)",
+                        checkpoint.path, theirs, self.config_fingerprint)
+            return
+        raise ConfigMismatchError(checkpoint.path, f"written by another experiment config (fingerprint {theirs}, "
+                                                   f"this run {self.config_fingerprint})",
+                                  hint="resume with the original config, or force it")
+
+
+def _key(checkpoint: Checkpoint) -> tuple[int, int, int]:
+    return (checkpoint.step, checkpoint.sequence, 1)
+
+
+def _check_step(step: int, epoch: int | None) -> None:
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UsageError(None, f"step must be a non-negative int, got {step!r}")
+    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
+        raise UsageError(None, f"epoch must be a non-negative int or None, got {epoch!r}")
+
+
+def _policies(keep_last: int | None, every_n: int | None, keep_epochs: int | None) -> list[RetentionPolicy]:
+    """``keep_last=None`` turns retention off: every checkpoint is kept."""
+    if keep_last is None:
+        return []
+    try:
+        policies: list[RetentionPolicy] = [KeepEpochEnds(n=keep_epochs), KeepLast(n=keep_last)]
+        if every_n is not None:
+            policies.append(KeepEveryNSteps(n=every_n))
+    except ValueError as exc:
+        raise UsageError(None, str(exc)) from exc
+    return policies

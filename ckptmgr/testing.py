@@ -1,0 +1,209 @@
+"""Test doubles shipped with the library: fault-injecting storage and hooks.
+
+:class:`FaultyStorage` wraps :class:`LocalStorage`. Every operation is a
+numbered *failpoint*; a :class:`Fault` fires at one of them:
+
+- ``kill``: SIGKILL this process (the real thing; run it in a subprocess);
+- ``raise``: raise :class:`InjectedCrash`, a BaseException like Modal's
+  ``InputCancellation`` arriving anywhere;
+- ``enospc`` / ``eio``: raise the OSError a full or failing disk gives.
+
+It also models what a power loss or a Volume snapshot taken mid-write can
+leave (:meth:`FaultyStorage.lose_unsynced`): files never fsynced get torn
+(truncated or given a garbage tail) and renames never followed by an fsync
+of their directory may be undone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .storage import LocalStorage
+
+
+class InjectedCrash(BaseException):
+    """An injected crash: not an Exception, so ordinary handlers don't swallow it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fault:
+    at: int  # 1-based index of the failpoint (counting only ``op`` when given)
+    action: str = "raise"  # kill | raise | enospc | eio
+    op: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ("kill", "raise", "enospc", "eio"):
+            raise ValueError(f"unknown fault action {self.action!r}")
+
+
+@dataclass
+class _Pending:
+    unsynced_files: set[str] = field(default_factory=set)
+    unsynced_renames: list[tuple[str, str]] = field(default_factory=list)
+
+
+class FaultyStorage(LocalStorage):
+    def __init__(self, fault: Fault | None = None):
+        self.fault = fault
+        self.ops: list[tuple[str, str]] = []
+        self._counted = 0
+        self._pending = _Pending()
+
+    # -- failpoints -------------------------------------------------------
+    def _failpoint(self, op: str, path: str) -> None:
+        self.ops.append((op, path))
+        fault = self.fault
+        if fault is None or (fault.op is not None and fault.op != op):
+            return
+        self._counted += 1
+        if self._counted != fault.at:
+            return
+        if fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)  # never reached
+        if fault.action == "raise":
+            raise InjectedCrash(f"injected crash at failpoint {op} {path}")
+        code = errno.ENOSPC if fault.action == "enospc" else errno.EIO
+        raise OSError(code, os.strerror(code), path)
+
+    # -- the Storage protocol, each call a failpoint ----------------------
+    def makedirs(self, path: str) -> None:
+        self._failpoint("makedirs", path)
+        super().makedirs(path)
+
+    def mkdir(self, path: str) -> None:
+        self._failpoint("mkdir", path)
+        super().mkdir(path)
+
+    def open_write(self, path: str) -> BinaryIO:
+        self._failpoint("open_write", path)
+        f = super().open_write(path)
+        self._pending.unsynced_files.add(path)
+        return _FaultyFile(f, self, path)  # type: ignore[return-value]
+
+    def fsync(self, f: BinaryIO) -> None:
+        path = getattr(f, "path", getattr(f, "name", "?"))
+        self._failpoint("fsync", str(path))
+        super().fsync(getattr(f, "raw_file", f))
+        self._pending.unsynced_files.discard(str(path))
+
+    def sync_file(self, path: str) -> None:
+        self._failpoint("sync_file", path)
+        super().sync_file(path)
+        self._pending.unsynced_files.discard(path)
+
+    def sync_dir(self, path: str) -> None:
+        self._failpoint("sync_dir", path)
+        super().sync_dir(path)
+        self._pending.unsynced_renames = [
+            (s, d) for s, d in self._pending.unsynced_renames if os.path.dirname(d) != path
+        ]
+
+    def rename_noreplace(self, src: str, dst: str) -> None:
+        self._failpoint("rename", dst)
+        super().rename_noreplace(src, dst)
+        self._moved(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        self._failpoint("replace", dst)
+        super().replace(src, dst)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._failpoint("symlink", path)
+        super().symlink(target, path)
+
+    def link(self, src: str, dst: str) -> None:
+        self._failpoint("link", dst)
+        super().link(src, dst)
+
+    def copy_file(self, src: str, dst: str) -> None:
+        self._failpoint("copy_file", dst)
+        super().copy_file(src, dst)
+        self._pending.unsynced_files.add(dst)
+
+    def unlink(self, path: str) -> None:
+        self._failpoint("unlink", path)
+        super().unlink(path)
+
+    def remove_tree(self, path: str) -> None:
+        self._failpoint("remove_tree", path)
+        super().remove_tree(path)
+
+    def _moved(self, src: str, dst: str) -> None:
+        self._pending.unsynced_renames.append((src, dst))
+        prefix = src + os.sep
+        self._pending.unsynced_files = {
+            dst + p[len(src):] if p == src or p.startswith(prefix) else p for p in self._pending.unsynced_files
+        }
+
+    # -- power loss model -------------------------------------------------
+    def lose_unsynced(self, rng: random.Random) -> list[str]:
+        """Tear unsynced files and undo unsynced renames at random; return what was done."""
+        done = []
+        for path in sorted(self._pending.unsynced_files):
+            if not os.path.isfile(path) or rng.random() < 0.3:
+                continue
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                if rng.random() < 0.5:
+                    f.truncate(rng.randrange(size + 1) if size else 0)
+                    done.append(f"truncated {path}")
+                else:
+                    f.seek(rng.randrange(size + 1) if size else 0)
+                    f.write(rng.randbytes(rng.randrange(1, 4096)))
+                    done.append(f"garbage tail {path}")
+        for src, dst in reversed(self._pending.unsynced_renames):
+            if rng.random() < 0.5 and os.path.lexists(dst) and not os.path.lexists(src):
+                os.rename(dst, src)
+                done.append(f"undid rename {dst} -> {src}")
+        return done
+
+
+class _FaultyFile:
+    """The file object FaultyStorage hands out: writes are failpoints too."""
+
+    def __init__(self, f: BinaryIO, storage: FaultyStorage, path: str):
+        self.raw_file = f
+        self.path = path
+        self._storage = storage
+
+    def write(self, data: bytes) -> int:
+        self._storage._failpoint("write", self.path)
+        return self.raw_file.write(data)
+
+    def flush(self) -> None:
+        self.raw_file.flush()
+
+    def fileno(self) -> int:
+        return self.raw_file.fileno()
+
+    def close(self) -> None:
+        self.raw_file.close()
+
+    def __enter__(self) -> _FaultyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FailingHook:
+    """A durability hook that raises, or hangs for ``hang_s`` seconds."""
+
+    def __init__(self, *, hang_s: float = 0.0, error: Exception | None = None):
+        self.hang_s = hang_s
+        self.error = error
+        self.calls: list[str] = []
+
+    def persist(self, path: str) -> None:
+        self.calls.append(path)
+        if self.hang_s:
+            time.sleep(self.hang_s)
+        if self.error is not None:
+            raise self.error
