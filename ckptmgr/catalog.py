@@ -138,7 +138,10 @@ def resolve(
             continue
         reason = candidate.problem
         if reason is None:
-            candidate.result = verify_checkpoint(candidate.path, quick=quick)
+            try:
+                candidate.result = verify_checkpoint(candidate.path, quick=quick)
+            except PathNotFoundError:  # deleted by the writer's retention since the scan
+                continue
             if candidate.result.status is Status.VALID:
                 return Checkpoint(candidate.path, candidate.result.manifest)  # type: ignore[arg-type]
             reason = candidate.result.reason

@@ -61,7 +61,8 @@ def read_events(run_dir: str) -> list[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("event"), str) and isinstance(record.get("unix"), (int, float)):
+        well_formed = isinstance(record, dict) and isinstance(record.get("event"), str)
+        if well_formed and isinstance(record.get("unix"), (int, float)):
             events.append(record)
     return events
 

@@ -106,4 +106,6 @@ def looks_like_checkpoint(name: str) -> bool:
     if is_internal(name):
         return False
     parsed = parse_name(name)
-    return parsed.is_last or parsed.step is not None or parsed.epoch is not None or name.endswith((".ckpt", ".pt", ".pth", ".bin"))
+    if parsed.is_last or parsed.step is not None or parsed.epoch is not None:
+        return True
+    return name.endswith((".ckpt", ".pt", ".pth", ".bin"))

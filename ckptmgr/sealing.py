@@ -22,7 +22,7 @@ import secrets
 
 from .catalog import Checkpoint
 from .commit import ManifestFields, StagedCheckpoint, abandon
-from .errors import InvalidCheckpointError, UsageError, from_os_error
+from .errors import InvalidCheckpointError, PathNotFoundError, UsageError, from_os_error
 from .manager import PAYLOAD_NAME, CheckpointManager
 from .manifest import MANIFEST_NAME
 from .naming import SEAL_ASIDE_PREFIX, parse_name, staging_name
@@ -32,6 +32,8 @@ from .verify import Status, has_manifest, verify_legacy
 def seal(path: str, *, step: int | None = None, epoch: int | None = None,
          allow_unchecked: bool = False, manager: CheckpointManager | None = None) -> Checkpoint:
     path = os.path.abspath(path)
+    if not os.path.lexists(path):
+        raise PathNotFoundError(path, "no such file or directory")
     if os.path.isdir(path) and has_manifest(path):
         raise UsageError(path, "already a managed checkpoint; nothing to seal")
     result = verify_legacy(path)

@@ -132,8 +132,18 @@ class FaultyStorage(LocalStorage):
         super().unlink(path)
 
     def remove_tree(self, path: str) -> None:
+        # File by file, each a failpoint: a crash mid-rmtree leaves a half-deleted tree.
         self._failpoint("remove_tree", path)
-        super().remove_tree(path)
+        if os.path.islink(path) or not os.path.isdir(path):
+            super().unlink(path)
+            return
+        for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+            for name in filenames:
+                self._failpoint("remove_file", os.path.join(dirpath, name))
+                os.unlink(os.path.join(dirpath, name))
+            for name in dirnames:
+                os.rmdir(os.path.join(dirpath, name))
+        os.rmdir(path)
 
     def _moved(self, src: str, dst: str) -> None:
         self._pending.unsynced_renames.append((src, dst))

@@ -39,13 +39,14 @@ def make_run(run_dir):
     return make
 
 
-def run_cli(*args: str, cwd: str | None = None, user: int | None = None) -> subprocess.CompletedProcess:
-    """Run the real `ckptmgr` console entry point in a subprocess."""
+def run_cli(*args: str, cwd: str | None = None, unprivileged: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `ckptmgr` entry point in a subprocess.
+
+    ``unprivileged`` runs it in a new user namespace (``unshare -U``), where
+    root loses CAP_DAC_OVERRIDE: a chmod 000 path then really is denied, as
+    it is for any ordinary user.
+    """
     env = dict(os.environ, PYTHONPATH=REPO, COLUMNS="200")
-    preexec = None
-    if user is not None:
-        def preexec() -> None:  # drop root to test permission errors for real
-            os.setgid(user)
-            os.setuid(user)
-    return subprocess.run([sys.executable, "-m", "ckptmgr", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, preexec_fn=preexec, timeout=120)
+    prefix = ["unshare", "-U"] if unprivileged else []
+    return subprocess.run([*prefix, sys.executable, "-m", "ckptmgr", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)

@@ -67,8 +67,8 @@ def _manifest_json(d):
 
 
 def _traversal(d):
-    edit_manifest(d, lambda b: b["files"].__setitem__(0, dict(b["files"][0], path="../epoch=0-step=20.ckpt/checkpoint.pt")),
-                  resign=True)
+    escape = "../epoch=0-step=20.ckpt/checkpoint.pt"
+    edit_manifest(d, lambda b: b["files"].__setitem__(0, dict(b["files"][0], path=escape)), resign=True)
 
 
 def _symlink(d):

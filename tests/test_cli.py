@@ -1,0 +1,123 @@
+"""The CLI: every command, --json, and every failure path as one line with a distinct exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ckptmgr.manifest import MANIFEST_NAME
+from tests.conftest import run_cli
+from tests.test_corruption import snapshot
+
+
+def assert_one_line_error(proc, code: int, text: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("ckptmgr: error: ")
+    assert text in proc.stderr
+
+
+def test_help_explains_each_command():
+    for command in ("verify", "list", "resolve", "seal"):
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0 and "--json" in proc.stdout
+    proc = run_cli("--help")
+    assert "Exit codes" in proc.stdout
+
+
+def test_json_outputs(make_run, run_dir):
+    make_run()
+    verify = json.loads(run_cli("verify", run_dir, "--json").stdout)
+    assert verify["all_valid"] and [c["step"] for c in verify["checkpoints"]] == [30, 20, 10]
+    listing = json.loads(run_cli("list", run_dir, "--json").stdout)
+    assert listing["resume"] == "epoch=0-step=30.ckpt"
+    assert [r["status"] for r in listing["checkpoints"]] == ["valid", "valid", "valid", "alias"]
+    assert listing["checkpoints"][3]["alias_of"] == "epoch=0-step=30.ckpt"
+    resolved = json.loads(run_cli("resolve", run_dir, "--json").stdout)
+    assert resolved["load_path"] == os.path.join(run_dir, "epoch=0-step=30.ckpt", "checkpoint.pt")
+    quick = json.loads(run_cli("verify", run_dir, "--quick", "--json").stdout)
+    assert quick["mode"] == "quick" and all(c["bytes_hashed"] == 0 for c in quick["checkpoints"])
+
+
+def test_verify_single_checkpoint_human(make_run, run_dir):
+    make_run()
+    proc = run_cli("verify", os.path.join(run_dir, "epoch=0-step=20.ckpt"))
+    assert proc.returncode == 0 and "1 checked, 0 invalid" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["verify", "list", "resolve", "seal"])
+def test_missing_path(command, tmp_path):
+    assert_one_line_error(run_cli(command, str(tmp_path / "nope")), 2, "no such")
+
+
+@pytest.mark.parametrize("command", ["verify", "seal"])
+def test_not_a_checkpoint_file(command, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert_one_line_error(run_cli(command, str(path)), 3, "not a checkpoint")
+    assert path.read_text() == "hello"
+
+
+@pytest.mark.parametrize("command", ["list", "resolve"])
+def test_run_commands_on_a_file(command, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    assert_one_line_error(run_cli(command, str(path)), 1, "not a directory")
+
+
+def test_verify_empty_directory(tmp_path):
+    assert_one_line_error(run_cli("verify", str(tmp_path)), 3, "no checkpoints here")
+
+
+def test_permission_denied(make_run, run_dir):
+    make_run()
+    before = snapshot(run_dir)
+    os.chmod(run_dir, 0o000)
+    try:
+        for command in ("verify", "list", "resolve"):
+            assert_one_line_error(run_cli(command, run_dir, unprivileged=True), 4, "permission denied")
+    finally:
+        os.chmod(run_dir, 0o755)
+    assert snapshot(run_dir) == before
+
+
+def test_unreadable_manifest(make_run, run_dir):
+    make_run()
+    ckpt = os.path.join(run_dir, "epoch=0-step=30.ckpt")
+    os.chmod(os.path.join(ckpt, MANIFEST_NAME), 0o000)
+    assert_one_line_error(run_cli("verify", ckpt, unprivileged=True), 4, "permission denied")
+    # resolve falls back past it, naming why
+    proc = run_cli("resolve", run_dir, unprivileged=True)
+    assert proc.returncode == 0 and "epoch=0-step=20.ckpt" in proc.stdout and "unreadable manifest" in proc.stderr
+
+
+def test_usage_errors(tmp_path):
+    assert_one_line_error(run_cli(), 2, "required")
+    assert_one_line_error(run_cli("verify"), 2, "required")
+    assert_one_line_error(run_cli("verify", str(tmp_path), "--bogus"), 2, "unrecognized")
+    assert_one_line_error(run_cli("seal", str(tmp_path), "--step", "x"), 2, "invalid int")
+
+
+def test_json_error_object(tmp_path):
+    proc = run_cli("verify", str(tmp_path / "nope"), "--json")
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["error"]["type"] == "PathNotFoundError"
+
+
+def test_readers_never_modify_nor_import_torch(make_run, run_dir):
+    make_run()
+    before = snapshot(run_dir)
+    probe = ("import sys; from ckptmgr.cli import main; rc = main(sys.argv[1:]); "
+             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for args in (["verify", run_dir], ["list", run_dir], ["resolve", run_dir]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+        assert proc.returncode == 0, proc.stderr
+    assert snapshot(run_dir) == before

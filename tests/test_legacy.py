@@ -1,0 +1,137 @@
+"""Legacy checkpoints: torch zip CRC32 checks (never unpickling) and `ckptmgr seal`."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from ckptmgr import CheckpointManager, InvalidCheckpointError, UsageError
+from ckptmgr.verify import Status, verify_checkpoint
+from tests.conftest import run_cli, tensor_state
+
+
+def torch_file(path: str, step: int = 1) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state_dict": tensor_state(step), "global_step": step}, path)
+    return path
+
+
+def flip_inside_record(path: str) -> None:
+    """Flip a byte inside a tensor record's data (not in zip headers)."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 100)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)  # the local header's own name and extra lengths
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len + 10)
+        b = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([b ^ 1]))
+
+
+def deepspeed_dir(path: str) -> str:
+    os.makedirs(os.path.join(path, "checkpoint"))
+    with open(os.path.join(path, "latest"), "w") as f:
+        f.write("checkpoint")
+    torch.save({"module": tensor_state(1)}, os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt"))
+    torch.save({"optimizer": tensor_state(2)}, os.path.join(path, "checkpoint",
+                                                            "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    return path
+
+
+def test_legacy_file_crc_ok_and_flipped(tmp_path):
+    path = torch_file(str(tmp_path / "run" / "epoch=0-step=7.ckpt"))
+    assert verify_checkpoint(path).status is Status.LEGACY_OK
+    flip_inside_record(path)
+    result = verify_checkpoint(path)
+    assert result.status is Status.LEGACY_CORRUPT and "CRC32 mismatch" in result.reason
+    # torch.load itself does not notice:
+    torch.load(path, weights_only=True)
+
+
+def test_legacy_truncated_file(tmp_path):
+    path = torch_file(str(tmp_path / "last.ckpt"))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    assert verify_checkpoint(path).status is Status.LEGACY_CORRUPT
+    proc = run_cli("verify", path)
+    assert proc.returncode == 1 and "zip structure broken" in proc.stdout
+
+
+def test_legacy_deepspeed_dir_crc(tmp_path):
+    path = deepspeed_dir(str(tmp_path / "last.ckpt"))
+    assert verify_checkpoint(path).status is Status.LEGACY_OK
+    flip_inside_record(os.path.join(path, "checkpoint", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    result = verify_checkpoint(path)
+    assert result.status is Status.LEGACY_CORRUPT and "optim_states" in result.reason
+
+
+def test_seal_file_becomes_a_managed_checkpoint(tmp_path):
+    path = torch_file(str(tmp_path / "run" / "epoch=2-step=40.ckpt"), step=40)
+    with open(path, "rb") as f:
+        original = f.read()
+    proc = run_cli("seal", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isdir(path)
+    with open(os.path.join(path, "checkpoint.pt"), "rb") as f:
+        assert f.read() == original
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".ckptmgr-sealed")]
+    found = CheckpointManager(str(tmp_path / "run")).resolve()
+    assert (found.step, found.epoch, found.name) == (40, 2, "epoch=2-step=40.ckpt")
+    assert torch.load(found.load_path, weights_only=True)["global_step"] == 40
+
+
+def test_seal_deepspeed_dir_in_place(tmp_path):
+    path = deepspeed_dir(str(tmp_path / "run" / "step=100.ckpt"))
+    proc = run_cli("seal", path)
+    assert proc.returncode == 0, proc.stderr
+    found = CheckpointManager(str(tmp_path / "run")).resolve()
+    assert found.manifest.kind == "deepspeed" and found.load_path == path
+    assert {f.path for f in found.manifest.files} == {
+        "latest", "checkpoint/mp_rank_00_model_states.pt", "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+
+
+def test_seal_refuses_corrupt_and_leaves_it_untouched(tmp_path):
+    path = torch_file(str(tmp_path / "run" / "step=3.ckpt"))
+    flip_inside_record(path)
+    with open(path, "rb") as f:
+        before = f.read()
+    proc = run_cli("seal", path)
+    assert proc.returncode == 1 and "refusing to seal a corrupt checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    with open(path, "rb") as f:
+        assert f.read() == before
+
+
+def test_seal_needs_a_step(tmp_path):
+    path = torch_file(str(tmp_path / "run" / "last.ckpt"))
+    proc = run_cli("seal", path)
+    assert proc.returncode == 2 and "--step" in proc.stderr
+    assert os.path.isfile(path)
+    proc = run_cli("seal", path, "--step", "9")
+    assert proc.returncode == 0
+    assert CheckpointManager(str(tmp_path / "run")).resolve().step == 9
+
+
+def test_seal_twice_is_a_usage_error(tmp_path):
+    path = torch_file(str(tmp_path / "run" / "step=3.ckpt"))
+    from ckptmgr.sealing import seal
+
+    seal(path)
+    with pytest.raises(UsageError, match="already a managed checkpoint"):
+        seal(path)
+
+
+def test_seal_refuses_old_pickle_format_unless_allowed(tmp_path):
+    path = str(tmp_path / "run" / "step=4.pt")
+    os.makedirs(os.path.dirname(path))
+    torch.save({"a": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    from ckptmgr.sealing import seal
+
+    with pytest.raises(InvalidCheckpointError, match="allow-unchecked"):
+        seal(path)
+    assert seal(path, allow_unchecked=True).step == 4

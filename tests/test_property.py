@@ -1,0 +1,79 @@
+"""Property: for any set of corruptions over N checkpoints, resolve picks exactly the newest intact one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckptmgr import CheckpointManager
+from ckptmgr.catalog import resolve
+from ckptmgr.manifest import MANIFEST_NAME
+
+DAMAGE = ["none", "flip", "truncate", "delete-payload", "delete-manifest", "garble-manifest", "extra-file"]
+INTACT = {"none", "extra-file"}
+
+
+def _damage(ckpt: str, kind: str, offset_fraction: float) -> None:
+    payload = os.path.join(ckpt, "checkpoint.pt")
+    manifest = os.path.join(ckpt, MANIFEST_NAME)
+    if kind == "flip":
+        size = os.path.getsize(payload)
+        offset = min(size - 1, int(size * offset_fraction))
+        with open(payload, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([b ^ 0x80]))
+    elif kind == "truncate":
+        with open(payload, "r+b") as f:
+            f.truncate(int(os.path.getsize(payload) * offset_fraction))
+    elif kind == "delete-payload":
+        os.unlink(payload)
+    elif kind == "delete-manifest":
+        os.unlink(manifest)
+    elif kind == "garble-manifest":
+        with open(manifest, "r+b") as f:
+            f.seek(int(os.path.getsize(manifest) * offset_fraction))
+            f.write(b"\x00garbage")
+    elif kind == "extra-file":
+        with open(os.path.join(ckpt, "extra.bin"), "wb") as f:
+            f.write(b"x")
+
+
+_TEMPLATE: dict[int, str] = {}
+
+
+def _template(n: int) -> str:
+    """One pristine run of n checkpoints per n, copied for each example."""
+    if n not in _TEMPLATE:
+        import torch
+
+        root = tempfile.mkdtemp(prefix="ckptmgr-prop-")
+        with CheckpointManager(os.path.join(root, "run"), keep_last=None) as m:
+            for step in range(1, n + 1):
+                m.save({"x": torch.arange(step * 100)}, step=step * 10, epoch=step // 3)
+        _TEMPLATE[n] = os.path.join(root, "run")
+    return _TEMPLATE[n]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), n=st.integers(min_value=1, max_value=6))
+def test_resolve_picks_newest_intact(tmp_path_factory, data, n):
+    run_dir = str(tmp_path_factory.mktemp("prop") / "run")
+    shutil.copytree(_template(n), run_dir, symlinks=True)
+    damages = data.draw(st.lists(st.sampled_from(DAMAGE), min_size=n, max_size=n))
+    fractions = data.draw(st.lists(st.floats(0.0, 0.999), min_size=n, max_size=n))
+    names = sorted((d for d in os.listdir(run_dir) if d.startswith("epoch=")),
+                   key=lambda d: int(d.split("step=")[1].split(".")[0]))
+    for name, kind, fraction in zip(names, damages, fractions, strict=False):
+        _damage(os.path.join(run_dir, name), kind, fraction)
+    intact = [name for name, kind in zip(names, damages, strict=False) if kind in INTACT]
+    found = resolve(run_dir)
+    if intact:
+        assert found is not None and found.name == intact[-1]
+    else:
+        assert found is None
