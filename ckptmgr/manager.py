@@ -57,7 +57,8 @@ class Staging:
 
     def __init__(self, staged: StagedCheckpoint):
         self._staged = staged
-        self.checkpoint: Checkpoint | None = None  # set once the block committed
+        self.target = ""
+        self.checkpoint: Checkpoint | None = None  # set once committed
 
     @property
     def path(self) -> str:
@@ -153,7 +154,20 @@ class CheckpointManager:
         return staging.checkpoint
 
     @contextmanager
-    def stage(
+    def stage(self, **fields: Any) -> Iterator[Staging]:
+        """Yield a staging directory; leaving the block commits it, an exception abandons it.
+
+        Takes the keyword arguments of :meth:`begin`.
+        """
+        handle = self.begin(**fields)
+        try:
+            yield handle
+        except BaseException:
+            self.abort(handle)
+            raise
+        self.commit(handle)
+
+    def begin(
         self,
         *,
         step: int,
@@ -166,8 +180,12 @@ class CheckpointManager:
         world_size: int = 1,
         layout: dict[str, Any] | None = None,
         staging_token: str | None = None,
-    ) -> Iterator[Staging]:
-        """Yield a staging directory; leaving the block commits it, an exception abandons it."""
+    ) -> Staging:
+        """Create a staging directory for a checkpoint (first half of :meth:`stage`).
+
+        Several ranks may write into ``Staging.path``; one process then calls
+        :meth:`commit` (after a barrier) or :meth:`abort`.
+        """
         _check_step(step, epoch)
         self.open()
         target = name or checkpoint_name(step, epoch, self.template)
@@ -179,14 +197,25 @@ class CheckpointManager:
         staged = StagedCheckpoint(self.storage, self.run_dir, staging_name(target, staging_token), fields)
         staged.create()
         handle = Staging(staged)
-        try:
-            yield handle
-        except BaseException:
-            abandon(self.storage, staged.path)
-            raise
-        handle.checkpoint = self._commit(staged, target)
+        handle.target = target
+        return handle
 
-    def _commit(self, staged: StagedCheckpoint, target: str) -> Checkpoint:
+    def commit(self, handle: Staging, *, replace: bool = False) -> Checkpoint:
+        """Publish a staged checkpoint; returns once it is acknowledged.
+
+        ``replace`` publishes under the target name even when a checkpoint of
+        that name exists (Lightning without a version counter): the new one is
+        published under a free name first, then the old one goes to trash and
+        the new one takes its name, so a crash leaves one or both, never neither.
+        """
+        handle.checkpoint = self._commit(handle._staged, handle.target, replace=replace)
+        return handle.checkpoint
+
+    def abort(self, handle: Staging) -> None:
+        """Abandon a staged checkpoint."""
+        abandon(self.storage, handle.path)
+
+    def _commit(self, staged: StagedCheckpoint, target: str, *, replace: bool = False) -> Checkpoint:
         sequence = self._next_sequence()
         name = self._free_name(target)
         try:
@@ -195,6 +224,8 @@ class CheckpointManager:
             abandon(self.storage, staged.path)
             raise
         self._sequence = sequence
+        if replace and name != target:
+            path, name = self._take_name(path, target), target
         t0 = time.perf_counter()
         self._make_durable(path)
         durable_seconds = time.perf_counter() - t0
@@ -221,6 +252,17 @@ class CheckpointManager:
             name = versioned(target, version)
         return name
 
+    def _take_name(self, path: str, target: str) -> str:
+        """Move a just-published checkpoint onto ``target``, retiring the old holder of that name."""
+        self.delete(target)
+        final = os.path.join(self.run_dir, target)
+        try:
+            self.storage.rename_noreplace(path, final)
+            self.storage.sync_dir(self.run_dir)
+        except OSError as exc:
+            raise from_os_error(final, "renaming the checkpoint onto its name", exc) from exc
+        return final
+
     def _make_durable(self, path: str) -> None:
         """Run the durability hook with a timeout; a failure means 'not acknowledged'."""
         outcome: list[BaseException | None] = []
@@ -243,11 +285,17 @@ class CheckpointManager:
                 from outcome[0]
 
     # -- last alias, retention, deletion ----------------------------------
-    def _update_last(self, name: str) -> None:
-        if self.last_alias is None:
+    def point_last(self, name: str, *, alias: str | None = None) -> None:
+        """Point the ``last`` alias (or another alias name) at checkpoint ``name``, atomically."""
+        self.open()
+        self._update_last(name, alias or self.last_alias or LAST_NAME)
+
+    def _update_last(self, name: str, alias_name: str | None = None) -> None:
+        alias_name = alias_name or self.last_alias
+        if alias_name is None:
             return
-        alias = os.path.join(self.run_dir, self.last_alias)
-        tmp = os.path.join(self.run_dir, staging_name(self.last_alias))
+        alias = os.path.join(self.run_dir, alias_name)
+        tmp = os.path.join(self.run_dir, staging_name(alias_name))
         try:
             self._displace_foreign_last(alias)
             self.storage.symlink(name, tmp)

@@ -130,7 +130,8 @@ def list_rows(run_dir: str, *, quick: bool) -> tuple[list[dict[str, Any]], str |
     for c in catalog.scan(run_dir):
         row: dict[str, Any] = {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch,
                                "sequence": c.manifest.sequence if c.manifest else None,
-                               "bytes": c.manifest.total_bytes if c.manifest else _size(c.path),
+                               "bytes": c.manifest.total_bytes if c.manifest else (
+                                   None if c.alias_of else _size(c.path)),
                                "created_unix": c.manifest.created_unix if c.manifest else None,
                                "alias_of": c.alias_of, "problems": [], "resume": False}
         if c.alias_of is not None:
@@ -162,7 +163,7 @@ def _render_list(out: Output, rows: list[dict[str, Any]], pick: str | None) -> N
 
     table = Table(box=None, pad_edge=False)
     for col in ("", "name", "step", "epoch", "seq", "size", "age", "status"):
-        table.add_column(col, justify="right" if col in ("step", "epoch", "seq", "size") else "left")
+        table.add_column(col, justify="right" if col in ("step", "epoch", "seq", "size") else "left", no_wrap=True)
     for row in rows:
         status = row["status"]
         colour = "green" if status in ("valid", "legacy-ok") else "dim" if status == "alias" else "red"

@@ -1,0 +1,191 @@
+"""One invocation of training: resume (verified), train within the budget, save, summarise.
+
+The run directory is ``{output_dir}/runs/{run_name}``. ``resume=False`` starts
+fresh without deleting anything: an existing run directory is renamed to
+``{run_name}.superseded-<UTC time>`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ckptmgr import CheckpointManager, config_fingerprint
+from ckptmgr.lightning import ManagedCheckpoint, Preemption, TimeBudget, parse_duration, resume_checkpoint
+from ckptmgr.storage import DurabilityHook
+
+from .model import TinyTransformer
+
+log = logging.getLogger(__name__)
+
+EXIT_COMPLETE = 0
+EXIT_RESUME_NEEDED = 75  # EX_TEMPFAIL: stopped on time budget or signal; run again to continue
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    output_dir: str = "outputs"
+    run_name: str = "demo"
+    max_steps: int = 200
+    max_epochs: int = -1
+    save_step: int = 50
+    keep_last: int = 3
+    time_budget: str | None = None
+    budget_margin_s: float = 60.0
+    grace_s: float = 30.0
+    train_bsz: int = 16
+    grad_acc_steps: int = 1
+    strategy: str = "auto"
+    deepspeed_stage: int = 2
+    devices: int = 1
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    seed: int = 42
+    lr: float = 3e-3
+    width: int = 64
+    layers: int = 2
+    resume: bool = True
+    allow_fresh: bool = False
+    force_config: bool = False
+    progress_bar: bool = True
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, "runs", self.run_name)
+
+    def fingerprint(self) -> str:
+        """What makes two invocations the same experiment (not budget, devices or resume flags)."""
+        keys = ("max_epochs", "train_bsz", "grad_acc_steps", "seed", "lr", "width", "layers", "precision")
+        return config_fingerprint({k: getattr(self, k) for k in keys})
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    resumed_from: str | None
+    start_step: int
+    end_step: int
+    max_steps: int
+    complete: bool
+    stop_reason: str
+    checkpoints_written: int
+    save_seconds: float
+    wall_seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_COMPLETE if self.complete else EXIT_RESUME_NEEDED
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def supersede(run_dir: str) -> str | None:
+    """Move an existing run directory aside (never delete it); return where it went."""
+    if not os.path.exists(run_dir) or not os.listdir(run_dir):
+        return None
+    aside = f"{run_dir}.superseded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    os.rename(run_dir, aside)
+    log.warning("[ckptmgr] --no-resume: moved %s to %s (nothing deleted)", run_dir, aside)
+    return aside
+
+
+def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
+          started_at: float | None = None) -> RunResult:
+    started_at = time.time() if started_at is None else started_at
+    if not config.resume:
+        supersede(config.run_dir)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    found = resume_checkpoint(config.run_dir, allow_fresh=config.allow_fresh,
+                              config_fingerprint=config.fingerprint(), force_config=config.force_config)
+    model = TinyTransformer(width=config.width, layers=config.layers, lr=config.lr, batch_size=config.train_bsz)
+    checkpoint = ManagedCheckpoint(
+        dirpath=config.run_dir, every_n_train_steps=config.save_step, monitor="step", mode="max",
+        save_top_k=config.keep_last, save_last=True, durability=durability,
+        config_fingerprint=config.fingerprint(),
+    )
+    callbacks: list[Any] = [checkpoint, Preemption(grace_s=config.grace_s), _SaveAtEnd()]
+    budget = None
+    if config.time_budget is not None:
+        budget = TimeBudget(parse_duration(config.time_budget), margin_s=config.budget_margin_s,
+                            started_at=started_at)
+        callbacks.append(budget)
+    trainer = pl.Trainer(
+        default_root_dir=config.output_dir, max_steps=config.max_steps, max_epochs=config.max_epochs,
+        accumulate_grad_batches=config.grad_acc_steps, strategy=_strategy(config), devices=config.devices,
+        accelerator=config.accelerator, precision=config.precision, callbacks=callbacks, logger=False,
+        enable_progress_bar=config.progress_bar, enable_model_summary=False, deterministic=True,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    start_step = found.step if found else 0
+    trainer.fit(model, ckpt_path=found.load_path if found else None)
+    preemption = next(c for c in callbacks if isinstance(c, Preemption))
+    return RunResult(
+        run_dir=config.run_dir, resumed_from=found.path if found else None, start_step=start_step,
+        end_step=trainer.global_step, max_steps=config.max_steps, complete=_complete(trainer, config),
+        stop_reason=_stop_reason(trainer, config, budget, preemption),
+        checkpoints_written=len(checkpoint.save_seconds), save_seconds=round(sum(checkpoint.save_seconds), 3),
+        wall_seconds=round(time.time() - started_at, 3),
+    )
+
+
+def _strategy(config: TrainConfig) -> Any:
+    if config.strategy == "deepspeed":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=config.deepspeed_stage)
+    if config.strategy == "ddp" and not torch.cuda.is_available():
+        return "ddp"  # gloo on CPU
+    return config.strategy
+
+
+def _complete(trainer: pl.Trainer, config: TrainConfig) -> bool:
+    if config.max_steps > 0 and trainer.global_step >= config.max_steps:
+        return True
+    return config.max_epochs > 0 and trainer.current_epoch >= config.max_epochs
+
+
+def _stop_reason(trainer: pl.Trainer, config: TrainConfig, budget: Any, preemption: Any) -> str:
+    if preemption.outcome is not None:
+        return f"signal {preemption.received} (checkpoint {preemption.outcome})"
+    if budget is not None and budget.stopped:
+        return "time budget"
+    if config.max_steps > 0 and trainer.global_step >= config.max_steps:
+        return "max_steps"
+    return "max_epochs"
+
+
+class _SaveAtEnd(pl.Callback):
+    """A final checkpoint when training ends between periodic saves.
+
+    Saved at the last batch's end, like every other save: a checkpoint taken in
+    ``on_train_end`` records the epoch as finished, and a later resume (with a
+    larger ``max_steps``) would count one epoch too many.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._save(trainer, "end of training")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, "end of training")  # max_epochs reached: nothing left of the epoch
+
+    @staticmethod
+    def _save(trainer: pl.Trainer, reason: str) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, ManagedCheckpoint) and trainer.global_step > 0:
+                callback.save_now(trainer, reason=reason)
+
+
+def checkpoints_in(run_dir: str) -> int:
+    manager = CheckpointManager(run_dir)
+    return sum(1 for c in manager.checkpoints(quick=True) if c.result is not None and c.result.valid)
