@@ -27,7 +27,8 @@ def installed() -> list[ModuleType]:
         except ImportError:
             continue
     if not modules:
-        raise ImportError("ckptmgr.lightning needs `lightning` or `pytorch-lightning`: pip install 'ckptmgr[lightning]'")
+        raise ImportError("ckptmgr.lightning needs `lightning` or `pytorch-lightning`: "
+                          "pip install 'ckptmgr[lightning]'")
     return modules
 
 

@@ -28,7 +28,7 @@ DEFAULT_SAVE_ESTIMATE_S = 5.0  # before any save was measured
 
 
 def parse_duration(value: str | float | int | _dt.timedelta) -> float:
-    """Seconds from ``3600``, ``"3600"``, ``"90s"``, ``"45m"``, ``"23.5h"``, ``"1d"`` or Lightning's ``"DD:HH:MM:SS"``."""
+    """Seconds from ``3600``, ``"90s"``, ``"45m"``, ``"23.5h"``, ``"1d"`` or Lightning's ``"DD:HH:MM:SS"``."""
     if isinstance(value, _dt.timedelta):
         return value.total_seconds()
     if isinstance(value, (int, float)):
