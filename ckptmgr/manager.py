@@ -393,15 +393,17 @@ class CheckpointManager:
     def resolve(self, *, quick: bool = False, quarantine: bool = False, strict: bool = False) -> Checkpoint | None:
         """The newest checkpoint that verifies.
 
-        ``quarantine`` moves corrupt managed candidates aside (writer only).
+        ``quarantine`` moves corrupt candidates newer than the pick aside
+        (writer only). Nothing is moved when no candidate is valid: then the
+        directory is left exactly as found, for a person to inspect.
         ``strict`` raises :class:`NoValidCheckpointError` when candidates exist
         but none verifies, instead of returning None.
         """
         skipped: list[tuple[Candidate, str]] = []
         found = catalog.resolve(self.run_dir, quick=quick, on_skip=lambda c, r: skipped.append((c, r)))
-        if quarantine:
+        if quarantine and found is not None:
             for candidate, reason in skipped:
-                if not candidate.legacy and (found is None or candidate.order_key > _key(found)):
+                if not candidate.legacy and candidate.order_key > _key(found):
                     self.quarantine(candidate.path, reason)
         if found is None and strict and skipped:
             details = "; ".join(f"{c.name}: {r}" for c, r in skipped)

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except CkptMgrError as exc:
         sys.stderr.write(f"training: error: {exc}\n")
         return exc.exit_code
+    if result.global_rank != 0:
+        return result.exit_code  # one summary per run, from global rank 0
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
     elif result.end_step or result.start_step:

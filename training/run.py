@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -78,7 +78,7 @@ class RunResult:
     checkpoints_written: int
     save_seconds: float
     wall_seconds: float
-    skipped: list[str] = field(default_factory=list)
+    global_rank: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -133,7 +133,7 @@ def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
         end_step=trainer.global_step, max_steps=config.max_steps, complete=_complete(trainer, config),
         stop_reason=_stop_reason(trainer, config, budget, preemption),
         checkpoints_written=len(checkpoint.save_seconds), save_seconds=round(sum(checkpoint.save_seconds), 3),
-        wall_seconds=round(time.time() - started_at, 3),
+        wall_seconds=round(time.time() - started_at, 3), global_rank=trainer.global_rank,
     )
 
 
@@ -177,7 +177,9 @@ class _SaveAtEnd(pl.Callback):
             self._save(trainer, "end of training")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer, "end of training")  # max_epochs reached: nothing left of the epoch
+        # Only when max_epochs ended training: a stop on budget or signal has decided for itself.
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch:
+            self._save(trainer, "end of training")
 
     @staticmethod
     def _save(trainer: pl.Trainer, reason: str) -> None:

@@ -94,7 +94,9 @@ class _ManagedCheckpointMixin:
                 self.manager.abort(handle)  # type: ignore[union-attr]
             raise
         if handle is not None:
-            self.manager.commit(handle, replace=not self._enable_version_counter)  # type: ignore[union-attr]
+            # Lightning has already applied its version counter: a save onto an
+            # existing name means "overwrite", done here as a crash-safe replace.
+            self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
         trainer.strategy.barrier("ckptmgr.commit")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath

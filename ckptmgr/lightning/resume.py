@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def resume_checkpoint(run_dir: str, *, allow_fresh: bool = False, config_fingerprint: str | None = None,
-                      force_config: bool = False) -> Checkpoint | None:
+                      force_config: bool = False, quarantine: bool | None = None) -> Checkpoint | None:
     """The newest verified checkpoint of ``run_dir``, or None for a fresh start.
 
     Logs ``[ckptmgr] resuming from <path> (step S, epoch E)`` and one line per
@@ -21,13 +22,19 @@ def resume_checkpoint(run_dir: str, *, allow_fresh: bool = False, config_fingerp
     raises :class:`NoValidCheckpointError` rather than silently starting over;
     ``allow_fresh`` permits the fresh start (and says so). A checkpoint written
     under another config fingerprint is refused unless ``force_config``.
+
+    ``quarantine`` (default: on the global rank 0 process) moves corrupt
+    candidates newer than the pick aside, taking the writer lock briefly.
     """
     if not os.path.isdir(run_dir):
         log.info("[ckptmgr] %s does not exist yet: starting fresh", run_dir)
         return None
+    if quarantine is None:
+        quarantine = _global_rank() == 0
     manager = CheckpointManager(run_dir, config_fingerprint=config_fingerprint)
     try:
-        found = manager.resolve(strict=True)
+        with manager if quarantine else contextlib.nullcontext():
+            found = manager.resolve(strict=True, quarantine=quarantine)
     except NoValidCheckpointError:
         if not allow_fresh:
             raise
@@ -39,3 +46,11 @@ def resume_checkpoint(run_dir: str, *, allow_fresh: bool = False, config_fingerp
     manager.check_config(found, force=force_config)
     log.warning("[ckptmgr] resuming from %s (step %s, epoch %s)", found.path, found.step, found.epoch)
     return found
+
+
+def _global_rank() -> int:
+    """The process's global rank before any Trainer exists (launchers set RANK or LOCAL_RANK)."""
+    for variable in ("RANK", "GLOBAL_RANK", "LOCAL_RANK"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0

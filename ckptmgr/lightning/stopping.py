@@ -169,7 +169,7 @@ class _PreemptionMixin:
             self.outcome = "saved"
         else:
             log.warning("[ckptmgr] not saving: predicted %.1f s does not fit the %.0f s grace period", needed,
-                        self.grace_s - elapsed)
+                        max(0.0, self.grace_s - elapsed))
             self.outcome = "skipped"
         trainer.should_stop = True
 
