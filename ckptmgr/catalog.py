@@ -131,8 +131,23 @@ def resolve(
     """The newest checkpoint that verifies, or None when there is none at all.
 
     Candidates are verified in order and the first valid one wins; each one
-    skipped is logged with its path and what failed.
+    skipped is logged with its path and what failed. A live writer may publish
+    and rotate while we read: a candidate that vanishes mid-pass means newer
+    ones exist, so the directory is scanned again (a bounded number of times).
     """
+    for _ in range(RESCANS):
+        found, vanished = _resolve_once(run_dir, quick=quick, on_skip=on_skip)
+        if found is not None or not vanished:
+            return found
+    return None
+
+
+RESCANS = 20
+
+
+def _resolve_once(run_dir: str, *, quick: bool, on_skip: Callable[[Candidate, str], None] | None
+                  ) -> tuple[Checkpoint | None, bool]:
+    vanished = False
     for candidate in scan(run_dir):
         if candidate.alias_of is not None:
             continue
@@ -140,15 +155,19 @@ def resolve(
         if reason is None:
             try:
                 candidate.result = verify_checkpoint(candidate.path, quick=quick)
-            except PathNotFoundError:  # deleted by the writer's retention since the scan
+            except PathNotFoundError:  # rotated away by the writer since the scan
+                vanished = True
                 continue
             if candidate.result.status is Status.VALID:
-                return Checkpoint(candidate.path, candidate.result.manifest)  # type: ignore[arg-type]
+                return Checkpoint(candidate.path, candidate.result.manifest), vanished  # type: ignore[arg-type]
             reason = candidate.result.reason
+        if not os.path.lexists(candidate.path):
+            vanished = True  # deleted while being read: not corrupt, just gone
+            continue
         log.warning("[ckptmgr] skipping %s: %s", candidate.path, reason)
         if on_skip is not None:
             on_skip(candidate, reason)
-    return None
+    return None, vanished
 
 
 def last_target(run_dir: str, alias: str) -> str | None:

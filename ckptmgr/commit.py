@@ -84,6 +84,10 @@ class StagedCheckpoint:
         self._hashed[relpath] = FileEntry(path=relpath, size=writer.size, xxh3_128=writer.hexdigest())
         self.write_seconds += time.perf_counter() - t0
 
+    def add_hashed(self, entries) -> None:
+        for entry in entries:
+            self._hashed[entry.path] = entry
+
     def finalize(self, *, name: str, sequence: int, workers: int | None = None) -> tuple[str, Manifest]:
         """Write the manifest and publish the checkpoint under ``name``."""
         t0 = time.perf_counter()

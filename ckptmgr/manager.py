@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ from .errors import (
 )
 from .journal import append_event
 from .lock import WriterLock
+from .manifest import FileEntry
 from .naming import (
     DEFAULT_TEMPLATE,
     LAST_NAME,
@@ -67,6 +68,10 @@ class Staging:
     def open_file(self, relpath: str):
         """Write a payload file hashed in one pass (preferred over writing by path)."""
         return self._staged.open_file(relpath)
+
+    def add_hashed(self, entries: Iterable[FileEntry]) -> None:
+        """Entries hashed by the processes that wrote them (other ranks); fsynced by them."""
+        self._staged.add_hashed(entries)
 
 
 class CheckpointManager:

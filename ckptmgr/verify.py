@@ -143,6 +143,8 @@ def _verify_managed(
     result = VerifyResult(path, Status.VALID, manifest=manifest)
     result.problems += [f"{name}: symlink or special file inside the checkpoint" for name in sorted(odd)]
     listed = {f.path for f in manifest.files}
+    result.problems += [f"{name}: shard listed in the layout but not in the manifest" for name in
+                        missing_shards(manifest.layout, listed)]
     result.extra_files = sorted(set(present) - listed)
     to_hash = []
     for entry in manifest.files:
@@ -159,6 +161,15 @@ def _verify_managed(
     if result.problems:
         result.status = Status.CORRUPT
     return result
+
+
+def missing_shards(layout: dict, files: set[str]) -> list[str]:
+    """Shards a sharded (DeepSpeed) layout names that the file list lacks."""
+    shards = layout.get("shards")
+    if not isinstance(shards, dict):
+        return []
+    named = [f for rank_files in shards.values() if isinstance(rank_files, list) for f in rank_files]
+    return sorted(f for f in named if f not in files)
 
 
 def _hash_mismatches(path, entries, workers, on_bytes, result: VerifyResult) -> list[str]:
