@@ -73,7 +73,7 @@ def check_shards(layout: dict[str, Any], files: set[str], where: str) -> None:
 
 
 def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: str, *, rank: int,
-                      world_size: int, layout: dict[str, Any]) -> Checkpoint | None:
+                      world_size: int, layout: dict[str, Any], replace: bool = False) -> Checkpoint | None:
     """Collective: hash own files, gather at rank 0, which checks shards and commits."""
     import torch.distributed as dist
 
@@ -91,7 +91,7 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
         try:
             check_shards(layout, set(reported), staging)
             handle.add_hashed(reported.values())
-            checkpoint = manager.commit(handle)
+            checkpoint = manager.commit(handle, replace=replace)
         except (InvalidCheckpointError, CommitError) as exc:
             manager.abort(handle)
             error = str(exc)

@@ -135,3 +135,29 @@ def test_seal_refuses_old_pickle_format_unless_allowed(tmp_path):
     with pytest.raises(InvalidCheckpointError, match="allow-unchecked"):
         seal(path)
     assert seal(path, allow_unchecked=True).step == 4
+
+
+def test_export_single_file_lightning_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    path = str(tmp_path / "epoch=0-step=9.ckpt")
+    state = {"model.weight": torch.randn(3, 4), "model.bias": torch.zeros(3), "step_count": torch.tensor(9)}
+    torch.save({"state_dict": state, "global_step": 9, "epoch": 0}, path)
+    proc = run_cli("export", path, "-o", str(tmp_path / "out"), "--strip-prefix", "model.", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == {"weight", "bias", "step_count"}
+    assert torch.equal(out["weight"], state["model.weight"]) and out["step_count"].dtype == torch.int64
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_export_refuses_to_unpickle_arbitrary_objects(tmp_path):
+    path = str(tmp_path / "step=1.ckpt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hook": Evil()}, path)
+    proc = run_cli("export", path, "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "refusing to unpickle" in proc.stderr and "pwned" not in proc.stdout
+    assert not os.path.exists(tmp_path / "out")

@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import CkptMgrError, UsageError, from_os_error
-from . import store_commands
+from . import export_command, store_commands
 from .output import Output
 
 EXIT_INTERRUPTED = 130
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     store_commands.add_parsers(sub, common)
+    export_command.add_parser(sub, common)
     return parser
 
 

@@ -76,12 +76,13 @@ class _ManagedCheckpointMixin:
         deepspeed = _is_deepspeed(trainer.strategy)
         handle = None
         staging_path = None
+        layout = _layout(trainer)
         if trainer.is_global_zero:
             assert self.manager is not None
             handle = self.manager.begin(
                 step=trainer.global_step, epoch=trainer.current_epoch, name=os.path.basename(filepath),
                 kind="deepspeed" if deepspeed else "lightning", load_path="." if deepspeed else PAYLOAD_NAME,
-                world_size=trainer.world_size, layout=_layout(trainer),
+                world_size=trainer.world_size, layout=layout,
                 metadata={"weights_only": bool(self.save_weights_only)},
             )
             staging_path = handle.path
@@ -93,7 +94,13 @@ class _ManagedCheckpointMixin:
             if handle is not None:
                 self.manager.abort(handle)  # type: ignore[union-attr]
             raise
-        if handle is not None:
+        if deepspeed:
+            # Each rank hashes the shards it wrote; rank 0 checks all are there and publishes.
+            from ..deepspeed import gather_and_commit
+
+            gather_and_commit(self.manager, handle, staging_path, rank=trainer.global_rank,
+                              world_size=trainer.world_size, layout=layout, replace=True)
+        elif handle is not None:
             # Lightning has already applied its version counter: a save onto an
             # existing name means "overwrite", done here as a crash-safe replace.
             self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
@@ -181,7 +188,12 @@ def _layout(trainer: Any) -> dict[str, Any]:
     layout: dict[str, Any] = {"strategy": type(trainer.strategy).__name__}
     config = getattr(trainer.strategy, "config", None)
     if isinstance(config, dict) and "zero_optimization" in config:
-        layout["zero_stage"] = config["zero_optimization"].get("stage")
+        from ..deepspeed import DEFAULT_TAG, expected_shards
+
+        stage = int(config["zero_optimization"].get("stage", 0))
+        layout.update(zero_stage=stage, tag=DEFAULT_TAG, dp_world_size=trainer.world_size)
+        if stage >= 1:
+            layout["shards"] = expected_shards(DEFAULT_TAG, trainer.world_size, stage)
     return layout
 
 

@@ -1,0 +1,64 @@
+"""A DeepSpeed ZeRO run on CPU (gloo) for the tests; launch with torchrun.
+
+    ds_worker.py STAGE OUT    train 6 steps of a small model, saving managed checkpoints at steps 3 and 6
+                              (OUT/run/), a plain DeepSpeed checkpoint (OUT/plain/, tag global_step6), then
+                              load the newest managed one into a fresh engine; rank 0 prints a JSON report.
+"""
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+
+from ckptmgr import CheckpointManager
+from ckptmgr import deepspeed as managed
+
+
+def engine_for(stage: int):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.LayerNorm(48),
+                                torch.nn.Linear(48, 7))
+    model.register_buffer("counter", torch.arange(5, dtype=torch.float32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def params(engine) -> list[torch.Tensor]:
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            return [p.detach().clone() for p in engine.module.parameters()]
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def main() -> None:
+    stage, out = int(sys.argv[1]), sys.argv[2]
+    engine = engine_for(stage)
+    manager = CheckpointManager(os.path.join(out, "run"))
+    g = torch.Generator().manual_seed(engine.global_rank)
+    saved = []
+    for step in range(1, 7):
+        loss = engine(torch.randn(4, 16, generator=g)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        if step in (3, 6):
+            checkpoint = managed.save(engine, manager, step=step, client_state={"step": step})
+            saved.append(checkpoint.path if checkpoint else None)
+    engine.save_checkpoint(os.path.join(out, "plain"), tag="global_step6")
+    expected = params(engine)
+
+    fresh = engine_for(stage)
+    checkpoint, client_state = managed.load(fresh, CheckpointManager(os.path.join(out, "run")))
+    restored = params(fresh)
+    same = all(torch.equal(a, b) for a, b in zip(expected, restored, strict=True))
+    if engine.global_rank == 0:
+        print("REPORT " + json.dumps({"saved": saved, "loaded": checkpoint.path, "step": checkpoint.step,
+                                      "client_step": client_state.get("step"), "params_equal": same,
+                                      "world_size": engine.world_size}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

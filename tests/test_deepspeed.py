@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO-2/3 with real engines on CPU (torchrun, gloo), managed; and `ckptmgr export`.
+
+Lightning's DeepSpeedStrategy refuses CPU; these engines write Lightning's own
+directory layout (``X.ckpt/latest``, ``X.ckpt/checkpoint/*.pt``), which is also
+what ManagedCheckpoint stages for DeepSpeedStrategy on GPUs (docs/GPU.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ckptmgr import CheckpointManager, ConfigMismatchError
+from ckptmgr.catalog import resolve
+from ckptmgr.verify import Status, verify_checkpoint
+from tests.conftest import REPO, run_cli
+from tests.test_legacy import flip_inside_record
+
+# One xdist worker runs them all, so each torchrun launch happens once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("deepspeed")
+
+WORKER = os.path.join(REPO, "tests", "helpers", "ds_worker.py")
+ENV = dict(os.environ, PYTHONPATH=REPO, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def ds_run(request, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(f"zero{request.param}"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           WORKER, str(request.param), out],
+                          capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    return request.param, out, report
+
+
+def test_managed_zero_checkpoint_round_trip(ds_run):
+    stage, out, report = ds_run
+    assert report["params_equal"] and report["step"] == 6 and report["client_step"] == 6
+    found = CheckpointManager(os.path.join(out, "run")).resolve()
+    assert found.path == report["loaded"] and found.manifest.kind == "deepspeed"
+    assert found.manifest.world_size == 2 and found.manifest.layout["zero_stage"] == stage
+    files = {f.path for f in found.manifest.files}
+    for rank in ("0", "1"):
+        assert set(found.manifest.layout["shards"][rank]) <= files
+    assert "latest" in files and os.path.isdir(os.path.join(found.path, "checkpoint"))  # Lightning's layout
+
+
+def copy_run(out: str, tmp_path) -> str:
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(out, "run"), run_dir, symlinks=True)
+    return run_dir
+
+
+def test_missing_rank_shard_never_verifies(ds_run, tmp_path):
+    _, out, _ = ds_run
+    run_dir = copy_run(out, tmp_path)
+    newest = os.path.join(run_dir, "step=6.ckpt")
+    os.unlink(os.path.join(newest, "checkpoint", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    result = verify_checkpoint(newest)
+    assert result.status is Status.CORRUPT and "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in result.reason
+    assert resolve(run_dir).name == "step=3.ckpt"
+
+
+def test_flipped_byte_in_optimizer_shard(ds_run, tmp_path):
+    _, out, _ = ds_run
+    run_dir = copy_run(out, tmp_path)
+    shard = os.path.join(run_dir, "step=6.ckpt", "checkpoint", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    flip_inside_record(shard)
+    proc = run_cli("verify", run_dir)
+    assert proc.returncode == 1 and "zero_pp_rank_0_mp_rank_00_optim_states.pt: xxh3_128 mismatch" in proc.stdout
+    assert resolve(run_dir).name == "step=3.ckpt"
+    proc = run_cli("export", os.path.join(run_dir, "step=6.ckpt"), "-o", str(tmp_path / "x"))
+    assert proc.returncode == 1 and "refusing to export a corrupt checkpoint" in proc.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_commit_refuses_a_missing_shard(tmp_path):
+    from ckptmgr import CommitError
+    from ckptmgr.deepspeed import expected_shards, gather_and_commit
+
+    manager = CheckpointManager(str(tmp_path / "run"))
+    layout = {"zero_stage": 2, "tag": "checkpoint", "shards": expected_shards("checkpoint", 2, 2)}
+    handle = manager.begin(step=1, kind="deepspeed", world_size=2, layout=layout)
+    os.makedirs(os.path.join(handle.path, "checkpoint"))
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):  # rank 1 wrote nothing
+        with open(os.path.join(handle.path, "checkpoint", name), "wb") as f:
+            f.write(b"x")
+    with pytest.raises(CommitError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        gather_and_commit(manager, handle, handle.path, rank=0, world_size=1, layout=layout)
+    assert resolve(str(tmp_path / "run")) is None and not os.path.exists(handle.path)
+
+
+def test_resume_under_another_world_size_is_refused_by_name(ds_run):
+    from ckptmgr.deepspeed import check_world_size
+
+    _, out, _ = ds_run
+    found = CheckpointManager(os.path.join(out, "run")).resolve()
+    with pytest.raises(ConfigMismatchError, match="written by 2 ranks; this run has 4"):
+        check_world_size(found, 4)
+
+
+@pytest.mark.parametrize("source", ["managed", "plain"])
+def test_export_matches_deepspeed_bitwise(ds_run, source, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    stage, out, _ = ds_run
+    src = os.path.join(out, "run", "step=6.ckpt") if source == "managed" else os.path.join(out, "plain")
+    proc = run_cli("export", src, "-o", str(tmp_path / "model"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["source_kind"].endswith(f"ZeRO-{stage}")
+    ours = load_file(str(tmp_path / "model" / "model.safetensors"))
+    reference = get_fp32_state_dict_from_zero_checkpoint(src)
+    assert sorted(ours) == sorted(reference)
+    for name, tensor in reference.items():
+        tensor = tensor.contiguous() if hasattr(tensor, "contiguous") else tensor
+        assert torch.equal(ours[name], tensor), name
+    assert summary["parameters"] == sum(t.numel() for t in ours.values())
+    assert verify_checkpoint(str(tmp_path / "model")).status is Status.VALID  # the output has a manifest
+
+
+def test_export_options_shards_dtype_prefix_and_bin(ds_run, tmp_path):
+    from safetensors.torch import load_file
+
+    _, out, _ = ds_run
+    src = os.path.join(out, "run", "step=6.ckpt")
+    assert run_cli("export", src, "-o", str(tmp_path / "full")).returncode == 0
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    proc = run_cli("export", src, "-o", str(tmp_path / "sharded"), "--max-shard-size", "2KB", "--dtype", "bf16",
+                   "--strip-prefix", "0.")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "sharded" / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    merged = {}
+    for name in files:
+        merged.update(load_file(str(tmp_path / "sharded" / name)))
+    assert "weight" in merged and "0.weight" not in merged  # prefix "0." stripped
+    for name, tensor in full.items():
+        stripped = name[2:] if name.startswith("0.") else name
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert torch.equal(merged[stripped], expected), name
+    proc = run_cli("export", src, "-o", str(tmp_path / "bin"), "--format", "bin")
+    assert proc.returncode == 0, proc.stderr
+    as_bin = torch.load(str(tmp_path / "bin" / "pytorch_model.bin"), weights_only=True)
+    assert all(torch.equal(as_bin[k], full[k]) for k in full)
+    assert os.path.getsize(tmp_path / "bin" / "pytorch_model.bin") < 4 * sum(t.nbytes for t in full.values()) + 8192
+
+
+def test_export_refuses_existing_output_and_missing_source(ds_run, tmp_path):
+    _, out, _ = ds_run
+    (tmp_path / "exists").mkdir()
+    proc = run_cli("export", os.path.join(out, "plain"), "-o", str(tmp_path / "exists"))
+    assert proc.returncode == 2 and "never overwrites" in proc.stderr
+    proc = run_cli("export", str(tmp_path / "nope"), "-o", str(tmp_path / "y"))
+    assert proc.returncode == 2 and "no such" in proc.stderr
