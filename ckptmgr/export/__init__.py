@@ -29,7 +29,7 @@ from ..naming import staging_name
 from ..storage import LocalStorage
 from ..verify import Status, has_manifest, read_manifest, verify_checkpoint
 from .writers import Planned, plan_shards, safetensors_header, write_tensor_bytes
-from .zero import TensorSpec, ZeroReader, _safe_load, find_zero_dir
+from .zero import TensorSpec, ZeroReader, find_zero_dir
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _write(staged: StagedCheckpoint, shards, names, stream, fmt: str, on_tensor)
     for shard in shards:
         if fmt == "bin":
             state = {}
-            for planned in shard.tensors:
+            for _ in shard.tensors:
                 name, tensor = next(stream)
                 # A copy: torch.save writes a view's whole storage (a whole flat ZeRO group).
                 state[name] = tensor.clone()
