@@ -51,6 +51,8 @@ from .storage import DurabilityHook, LocalStorage, NoDurabilityHook, Storage
 log = logging.getLogger(__name__)
 
 PAYLOAD_NAME = "checkpoint.pt"
+# One id per process: every manager of one training invocation journals under it.
+PROCESS_INVOCATION = uuid.uuid4().hex[:12]
 
 
 class Staging:
@@ -104,7 +106,7 @@ class CheckpointManager:
         self.durability: DurabilityHook = durability or NoDurabilityHook()
         self.durability_timeout_s = durability_timeout_s
         self.workers = workers
-        self.invocation = uuid.uuid4().hex[:12]
+        self.invocation = PROCESS_INVOCATION
         self._lock = WriterLock(self.run_dir, timeout=lock_timeout_s)
         self._sequence: int | None = None
 

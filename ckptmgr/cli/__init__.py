@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import CkptMgrError, UsageError, from_os_error
-from . import export_command, store_commands
+from . import diag_commands, export_command, store_commands
 from .output import Output
 
 EXIT_INTERRUPTED = 130
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     store_commands.add_parsers(sub, common)
     export_command.add_parser(sub, common)
+    diag_commands.add_parsers(sub, common)
     return parser
 
 
