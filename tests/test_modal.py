@@ -31,9 +31,8 @@ def modal_train(tmp_path, monkeypatch):
 
 
 def test_import_needs_no_network_and_config_is_sane():
-    code = ("import sys; sys.path.insert(0, %r); import modal_train as m; "
-            "print(m.MOUNT, m.TIMEOUT_S, m.RETRIES, m.VOLUME_NAME, m.train._spec_.gpus, list(m.train._spec_.volumes))"
-            % SCRIPT_DIR)
+    code = (f"import sys; sys.path.insert(0, {SCRIPT_DIR!r}); import modal_train as m; "
+            "print(m.MOUNT, m.TIMEOUT_S, m.RETRIES, m.VOLUME_NAME, m.train._spec_.gpus, list(m.train._spec_.volumes))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTMGR_")}
     env.update(PYTHONPATH=REPO, MODAL_TOKEN_ID="", MODAL_TOKEN_SECRET="", https_proxy="http://127.0.0.1:9")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
