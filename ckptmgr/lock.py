@@ -26,7 +26,9 @@ class WriterLock:
     def __init__(self, run_dir: str, *, timeout: float = 0.0):
         self.state_dir = os.path.join(run_dir, STATE_DIR)
         self.owner_path = os.path.join(self.state_dir, OWNER_NAME)
-        self._lock = filelock.FileLock(os.path.join(self.state_dir, LOCK_NAME), timeout=timeout)
+        # Not thread-local: the lock belongs to the writer process, whose background
+        # thread (async saves) commits under it too.
+        self._lock = filelock.FileLock(os.path.join(self.state_dir, LOCK_NAME), timeout=timeout, thread_local=False)
         self.timeout = timeout
 
     @property

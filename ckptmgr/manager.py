@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,6 +27,7 @@ from .commit import ManifestFields, StagedCheckpoint, abandon
 from .errors import (
     CommitError,
     ConfigMismatchError,
+    InvalidCheckpointError,
     NoValidCheckpointError,
     UsageError,
     from_os_error,
@@ -47,6 +49,7 @@ from .naming import (
 )
 from .retention import KeepEpochEnds, KeepEveryNSteps, KeepLast, RetentionPolicy, select_for_deletion
 from .storage import DurabilityHook, LocalStorage, NoDurabilityHook, Storage
+from .verify import verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +389,6 @@ class CheckpointManager:
     # -- reading ----------------------------------------------------------
     def checkpoints(self, *, quick: bool = False) -> list[Candidate]:
         """Every candidate, newest first, each verified (``.result``)."""
-        from .verify import verify_checkpoint
-
         candidates = catalog.scan(self.run_dir)
         for c in candidates:
             if c.alias_of is None and (c.manifest is not None or c.legacy):
@@ -420,18 +421,67 @@ class CheckpointManager:
 
     def load(self, checkpoint: Checkpoint | None = None, *, map_location: Any = "cpu",
              weights_only: bool = True, force_config: bool = False) -> Any:
-        """Resolve (unless given) and load a single-payload checkpoint."""
+        """Load the newest intact single-payload checkpoint (or ``checkpoint``), verified.
+
+        Verification runs while the payload loads (hash threads beside
+        ``torch.load``, both reading the same bytes), so a resume pays about
+        one pass over the data, not two. A candidate that fails is skipped
+        (quarantined when this manager holds the writer lock) and the next
+        one is tried.
+        """
+        if checkpoint is not None:
+            return self._load_verified(checkpoint, map_location, weights_only, force_config)
+        skipped: list[tuple[Candidate, str]] = []
+        for candidate in catalog.scan(self.run_dir):
+            if candidate.alias_of is not None:
+                continue
+            reason = candidate.problem
+            if reason is None:
+                quick = verify_checkpoint(candidate.path, quick=True)
+                if quick.valid:
+                    try:
+                        state = self._load_verified(Checkpoint(candidate.path, quick.manifest), map_location,
+                                                    weights_only, force_config)  # type: ignore[arg-type]
+                    except InvalidCheckpointError as exc:
+                        reason = exc.message
+                    else:
+                        self._quarantine_skipped(skipped)
+                        return state
+                else:
+                    reason = quick.reason
+            log.warning("[ckptmgr] skipping %s: %s", candidate.path, reason)
+            skipped.append((candidate, reason))
+        detail = "; ".join(f"{c.name}: {r}" for c, r in skipped)
+        raise NoValidCheckpointError(self.run_dir, f"{len(skipped)} candidate(s), none valid ({detail})" if skipped
+                                     else "no checkpoint to load")
+
+    def _load_verified(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
+                       force_config: bool) -> Any:
         import torch
 
-        if checkpoint is None:
-            checkpoint = self.resolve(quarantine=self.holds_lock, strict=True)
-            if checkpoint is None:
-                raise NoValidCheckpointError(self.run_dir, "no checkpoint to load")
         self.check_config(checkpoint, force=force_config)
-        if checkpoint.manifest.kind != "torch" and not os.path.isfile(checkpoint.load_path):
+        if not os.path.isfile(checkpoint.load_path):
             raise UsageError(checkpoint.path, f"a {checkpoint.manifest.kind!r} checkpoint is not one torch file; "
                                               "load Checkpoint.load_path with its own loader")
-        return torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            verifying = pool.submit(verify_checkpoint, checkpoint.path, workers=self.workers)
+            try:
+                state = torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only)
+            except Exception as exc:
+                result = verifying.result()
+                if not result.valid:  # torn bytes often fail to unpickle: report the real cause
+                    raise InvalidCheckpointError(checkpoint.path, result.reason) from exc
+                raise
+            result = verifying.result()
+        if not result.valid:
+            raise InvalidCheckpointError(checkpoint.path, result.reason)
+        return state
+
+    def _quarantine_skipped(self, skipped: list[tuple[Candidate, str]]) -> None:
+        if self.holds_lock:
+            for candidate, reason in skipped:
+                if not candidate.legacy:
+                    self.quarantine(candidate.path, reason)
 
     def check_config(self, checkpoint: Checkpoint, *, force: bool = False) -> None:
         theirs = checkpoint.manifest.config_fingerprint

@@ -138,7 +138,7 @@ def test_time_budget_stops_and_every_invocation_gets_a_full_budget(tmp_path):
         runs.append((code, json.loads(out), time.monotonic() - started))
     for code, summary, wall in runs:
         assert code == 75 and summary["stop_reason"] == "time budget"
-        assert wall < 14 + 3  # stopped within the budget (plus interpreter exit)
+        assert wall < 14 + 8  # stopped within the budget (plus interpreter start and exit, on a loaded CI box)
         assert summary["end_step"] - summary["start_step"] > 20  # real progress, second time too
     first, second = runs[0][1], runs[1][1]
     assert second["start_step"] == first["end_step"]  # resumed where the budget stopped it
