@@ -55,6 +55,7 @@ class TrainConfig:
     allow_fresh: bool = False
     force_config: bool = False
     progress_bar: bool = True
+    checkpointing: str = "managed"  # "lightning": plain ModelCheckpoint, for side-by-side benchmarks only
 
     @property
     def run_dir(self) -> str:
@@ -107,11 +108,14 @@ def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
     found = resume_checkpoint(config.run_dir, allow_fresh=config.allow_fresh,
                               config_fingerprint=config.fingerprint(), force_config=config.force_config)
     model = TinyTransformer(width=config.width, layers=config.layers, lr=config.lr, batch_size=config.train_bsz)
-    checkpoint = ManagedCheckpoint(
-        dirpath=config.run_dir, every_n_train_steps=config.save_step, monitor="step", mode="max",
-        save_top_k=config.keep_last, save_last=True, durability=durability,
-        config_fingerprint=config.fingerprint(),
-    )
+    checkpoint_args = dict(dirpath=config.run_dir, every_n_train_steps=config.save_step, monitor="step", mode="max",
+                           save_top_k=config.keep_last, save_last=True)
+    if config.checkpointing == "lightning":
+        checkpoint: Any = TimedModelCheckpoint(**checkpoint_args)
+        found = None
+    else:
+        checkpoint = ManagedCheckpoint(**checkpoint_args, durability=durability,
+                                       config_fingerprint=config.fingerprint())
     callbacks: list[Any] = [checkpoint, Preemption(grace_s=config.grace_s), _SaveAtEnd()]
     budget = None
     if config.time_budget is not None:
@@ -161,6 +165,19 @@ def _stop_reason(trainer: pl.Trainer, config: TrainConfig, budget: Any, preempti
     if config.max_steps > 0 and trainer.global_step >= config.max_steps:
         return "max_steps"
     return "max_epochs"
+
+
+class TimedModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's own ModelCheckpoint, timed: the baseline of the save benchmarks (no resume, no ckptmgr)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.save_seconds: list[float] = []
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        started = time.monotonic()
+        super()._save_checkpoint(trainer, filepath)
+        self.save_seconds.append(time.monotonic() - started)
 
 
 class _SaveAtEnd(pl.Callback):
