@@ -94,7 +94,8 @@ def stage_report(args: argparse.Namespace, stage: int) -> dict:
     resumed = run_json(trainer_cmd(args, stage, run, "--max-steps", str(3 * save)), f"{out}/managed{stage}.log")
     report["resume"] = {k: resumed[k] for k in ("resumed_from", "start_step", "end_step", "complete",
                                                 "checkpoints_written", "save_seconds")}
-    report["managed_save"] = {"seconds_per_save_event": resumed["save_seconds"] / max(1, resumed["checkpoints_written"])}
+    per_save = resumed["save_seconds"] / max(1, resumed["checkpoints_written"])
+    report["managed_save"] = {"seconds_per_save_event": per_save}
     verify = subprocess.run([sys.executable, "-m", "ckptmgr", "verify", run_dir, "--json"], capture_output=True,
                             text=True)
     verified = json.loads(verify.stdout)
