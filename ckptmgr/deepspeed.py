@@ -26,7 +26,7 @@ from .manifest import FileEntry
 from .verify import list_tree, missing_shards
 
 DEFAULT_TAG = "checkpoint"
-_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+_RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
 
 
 def owner_rank(relpath: str) -> int:
@@ -52,11 +52,15 @@ def hash_own_files(staging: str, rank: int, world_size: int) -> list[FileEntry]:
     return entries
 
 
-def expected_shards(tag: str, world_size: int, stage: int) -> dict[str, list[str]]:
-    """Each rank's shard files in DeepSpeed's layout (tensor parallelism of 1)."""
+def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False) -> dict[str, list[str]]:
+    """Each rank's shard files in DeepSpeed's layout (tensor parallelism of 1).
+
+    With bf16 DeepSpeed prefixes the optimizer shards with ``bf16_`` (``engine._get_zero_ckpt_prefix``).
+    """
     shards: dict[str, list[str]] = {}
+    optim_prefix = "bf16_" if bf16 else ""
     for rank in range(world_size):
-        files = [f"{tag}/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+        files = [f"{tag}/{optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
         if stage == 3:
             files.append(f"{tag}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
         shards[str(rank)] = files
@@ -114,7 +118,7 @@ def save(engine: Any, manager: CheckpointManager, *, step: int, epoch: int | Non
     rank, world_size = engine.global_rank, engine.world_size
     stage = int(engine.zero_optimization_stage())
     layout = {"zero_stage": stage, "tag": tag, "dp_world_size": world_size,
-              "shards": expected_shards(tag, world_size, stage)}
+              "shards": expected_shards(tag, world_size, stage, bf16=bool(engine.bfloat16_enabled()))}
     handle = None
     box: list[Any] = [None]
     if rank == 0:

@@ -193,7 +193,8 @@ def _layout(trainer: Any) -> dict[str, Any]:
         stage = int(config["zero_optimization"].get("stage", 0))
         layout.update(zero_stage=stage, tag=DEFAULT_TAG, dp_world_size=trainer.world_size)
         if stage >= 1:
-            layout["shards"] = expected_shards(DEFAULT_TAG, trainer.world_size, stage)
+            bf16 = bool((config.get("bf16") or {}).get("enabled", False))
+            layout["shards"] = expected_shards(DEFAULT_TAG, trainer.world_size, stage, bf16=bf16)
     return layout
 
 
