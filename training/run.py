@@ -105,14 +105,15 @@ def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
     if not config.resume:
         supersede(config.run_dir)
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    found = resume_checkpoint(config.run_dir, allow_fresh=config.allow_fresh,
-                              config_fingerprint=config.fingerprint(), force_config=config.force_config)
+    found = None
+    if config.checkpointing == "managed":
+        found = resume_checkpoint(config.run_dir, allow_fresh=config.allow_fresh,
+                                  config_fingerprint=config.fingerprint(), force_config=config.force_config)
     model = TinyTransformer(width=config.width, layers=config.layers, lr=config.lr, batch_size=config.train_bsz)
     checkpoint_args = dict(dirpath=config.run_dir, every_n_train_steps=config.save_step, monitor="step", mode="max",
                            save_top_k=config.keep_last, save_last=True)
     if config.checkpointing == "lightning":
         checkpoint: Any = TimedModelCheckpoint(**checkpoint_args)
-        found = None
     else:
         checkpoint = ManagedCheckpoint(**checkpoint_args, durability=durability,
                                        config_fingerprint=config.fingerprint())

@@ -131,6 +131,9 @@ def main() -> None:
     parser.add_argument("--save-step", type=int, default=20)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(args.work, ignore_errors=True)  # a warm machine keeps /tmp between calls
     for stage in args.stages:
         started = time.monotonic()
         report = stage_report(args, stage)
