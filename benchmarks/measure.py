@@ -2,26 +2,32 @@
 
     python benchmarks/measure.py -- ckptmgr export SRC -o OUT     -> prints one JSON line
 
-Peak RSS is ``ru_maxrss`` of the waited-for children (the largest one), which is what
-``/usr/bin/time -v`` reports as "Maximum resident set size".
+Peak RSS is ``ru_maxrss`` of that one child, from ``os.wait4`` (what ``/usr/bin/time -v`` reports as
+"Maximum resident set size"); ``RUSAGE_CHILDREN`` would report the largest of every child ever waited for.
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
 def measure(cmd: list[str], **kwargs) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-    seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **kwargs)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     return {"cmd": cmd, "returncode": proc.returncode, "seconds": round(seconds, 3),
-            "peak_rss_bytes": peak_kib * 1024, "stdout": proc.stdout[-4000:], "stderr": proc.stderr[-4000:]}
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout[-4000:], "stderr": stderr[-4000:]}
 
 
 if __name__ == "__main__":
