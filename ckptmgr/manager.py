@@ -97,6 +97,7 @@ class CheckpointManager:
         durability_timeout_s: float = 600.0,
         lock_timeout_s: float = 0.0,
         workers: int | None = None,
+        torch_crc32: bool = False,
     ):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
         self.policies = _policies(keep_last, keep_every_n_steps, keep_epochs)
@@ -109,6 +110,9 @@ class CheckpointManager:
         self.durability: DurabilityHook = durability or NoDurabilityHook()
         self.durability_timeout_s = durability_timeout_s
         self.workers = workers
+        # torch.save computes a CRC32 per record, serially with the writes, that torch.load never
+        # checks; our xxh3_128 covers every byte already. Off by default: saves run at disk speed.
+        self.torch_crc32 = torch_crc32
         self.invocation = PROCESS_INVOCATION
         self._lock = WriterLock(self.run_dir, timeout=lock_timeout_s)
         self._sequence: int | None = None
@@ -158,7 +162,7 @@ class CheckpointManager:
 
         with self.stage(step=step, epoch=epoch, metadata=metadata, epoch_end=epoch_end, name=name,
                         kind="torch", load_path=PAYLOAD_NAME) as staging:
-            with staging.open_file(PAYLOAD_NAME) as f:
+            with staging.open_file(PAYLOAD_NAME) as f, _torch_crc32(self.torch_crc32):
                 torch.save(obj, f)
         assert staging.checkpoint is not None
         return staging.checkpoint
@@ -494,6 +498,27 @@ class CheckpointManager:
         raise ConfigMismatchError(checkpoint.path, f"written by another experiment config (fingerprint {theirs}, "
                                                    f"this run {self.config_fingerprint})",
                                   hint="resume with the original config, or force it")
+
+
+_CRC_LOCK = threading.Lock()
+
+
+@contextmanager
+def _torch_crc32(enabled: bool) -> Iterator[None]:
+    """torch's CRC32 setting is process-wide: set it for one save, under a lock, and restore it."""
+    import torch.serialization as serialization
+
+    setter = getattr(serialization, "set_crc32_options", None)
+    if setter is None or enabled:
+        yield
+        return
+    with _CRC_LOCK:
+        previous = serialization.get_crc32_options()
+        setter(False)
+        try:
+            yield
+        finally:
+            setter(previous)
 
 
 def _key(checkpoint: Checkpoint) -> tuple[int, int, int]:

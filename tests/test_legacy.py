@@ -161,3 +161,16 @@ def test_export_refuses_to_unpickle_arbitrary_objects(tmp_path):
     proc = run_cli("export", path, "-o", str(tmp_path / "out"))
     assert proc.returncode == 1 and "refusing to unpickle" in proc.stderr and "pwned" not in proc.stdout
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_payload_saved_without_torch_crc32_is_unchecked_not_corrupt(tmp_path):
+    """Managed saves skip torch's CRC32 (xxh3_128 covers every byte); a payload copied out is not 'corrupt'."""
+    checkpoint = CheckpointManager(str(tmp_path / "run")).save({"w": torch.randn(100)}, step=1)
+    assert torch.serialization.get_crc32_options() is True  # the process-wide setting was restored
+    import shutil
+
+    bare = str(tmp_path / "copied.pt")
+    shutil.copyfile(checkpoint.load_path, bare)
+    assert verify_checkpoint(bare).status is Status.LEGACY_UNCHECKED
+    with_crc = CheckpointManager(str(tmp_path / "crc"), torch_crc32=True).save({"w": torch.randn(100)}, step=1)
+    assert verify_checkpoint(with_crc.load_path).status is Status.LEGACY_OK
