@@ -30,6 +30,21 @@ def measure(cmd: list[str], **kwargs) -> dict:
             "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout[-4000:], "stderr": stderr[-4000:]}
 
 
+def measure_isolated(cmd: list[str], **kwargs) -> dict:
+    """``measure`` from a small intermediate process.
+
+    Linux records a process's RSS high-water mark at exec, and a forked child starts with its
+    parent's: measured straight from a large process (a benchmark holding gigabytes), every child
+    would report at least the parent's RSS. The intermediate is small, so its child's figure is its own.
+    """
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--", *cmd], capture_output=True, text=True,
+                          **kwargs)
+    first, _, rest = proc.stdout.partition("\n")
+    result = json.loads(first)
+    result.update(stdout=rest[-4000:], stderr=proc.stderr[-4000:])
+    return result
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args and args[0] == "--":

@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -427,11 +426,11 @@ class CheckpointManager:
              weights_only: bool = True, force_config: bool = False) -> Any:
         """Load the newest intact single-payload checkpoint (or ``checkpoint``), verified.
 
-        Verification runs while the payload loads (hash threads beside
-        ``torch.load``, both reading the same bytes), so a resume pays about
-        one pass over the data, not two. A candidate that fails is skipped
-        (quarantined when this manager holds the writer lock) and the next
-        one is tried.
+        Each candidate is hashed (one read of its bytes) and then loaded
+        memory-mapped from the pages that read left in the cache, so a resume
+        pays one pass over the data, not two. A candidate that fails is
+        skipped (quarantined when this manager holds the writer lock) and the
+        next one is tried.
         """
         if checkpoint is not None:
             return self._load_verified(checkpoint, map_location, weights_only, force_config)
@@ -461,25 +460,26 @@ class CheckpointManager:
 
     def _load_verified(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
                        force_config: bool) -> Any:
+        """Hash every file, then load the payload memory-mapped.
+
+        The hash pass is the one read from disk; ``torch.load(mmap=True)`` then maps the same,
+        now cached, pages instead of reading the file a second time, and a corrupt candidate
+        costs only its hash, never a full load. (Old pickle-format files cannot be mapped and
+        are read normally.)
+        """
         import torch
 
         self.check_config(checkpoint, force=force_config)
         if not os.path.isfile(checkpoint.load_path):
             raise UsageError(checkpoint.path, f"a {checkpoint.manifest.kind!r} checkpoint is not one torch file; "
                                               "load Checkpoint.load_path with its own loader")
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            verifying = pool.submit(verify_checkpoint, checkpoint.path, workers=self.workers)
-            try:
-                state = torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only)
-            except Exception as exc:
-                result = verifying.result()
-                if not result.valid:  # torn bytes often fail to unpickle: report the real cause
-                    raise InvalidCheckpointError(checkpoint.path, result.reason) from exc
-                raise
-            result = verifying.result()
+        result = verify_checkpoint(checkpoint.path, workers=self.workers)
         if not result.valid:
             raise InvalidCheckpointError(checkpoint.path, result.reason)
-        return state
+        with open(checkpoint.load_path, "rb") as f:
+            mappable = f.read(4) == b"PK\x03\x04"
+        return torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only,
+                          mmap=mappable)
 
     def _quarantine_skipped(self, skipped: list[tuple[Candidate, str]]) -> None:
         if self.holds_lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ MAX_FILES = 200_000
 MAX_FILE_SIZE = 1 << 50  # 1 PiB: larger sizes are absurd, not big
 
 _SELF_HASH_FIELD = "manifest_xxh3_128"
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+# A plain relative POSIX path: no leading "/", no empty, "." or ".." component, no backslash or NUL.
+_PLAIN_PATH = re.compile(r"(?!/)(?:(?!\.{1,2}(?:/|$))[^/\\\x00]+/)*(?!\.{1,2}$)[^/\\\x00]+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +189,7 @@ def _parse_file_entry(entry: Any, where: str) -> FileEntry:
         raise ManifestError(where, "manifest file entry has a non-string path or hash")
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
         raise ManifestError(where, f"manifest file entry {path!r} has an invalid size {size!r}")
-    if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+    if not _HEX32.fullmatch(digest):
         raise ManifestError(where, f"manifest file entry {path!r} has a malformed hash")
     _check_relative_path(path, where, allow_dot=False)
     if path == MANIFEST_NAME:
@@ -196,6 +200,8 @@ def _parse_file_entry(entry: Any, where: str) -> FileEntry:
 def _check_relative_path(path: str, where: str, *, allow_dot: bool) -> None:
     """Refuse paths that could escape the checkpoint directory."""
     if allow_dot and path == ".":
+        return
+    if _PLAIN_PATH.fullmatch(path):
         return
     bad = (
         not path

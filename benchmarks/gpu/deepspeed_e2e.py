@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from measure import measure  # noqa: E402
+from measure import measure_isolated as measure  # noqa: E402
 
 
 def trainer_cmd(args: argparse.Namespace, stage: int, run: str, *extra: str) -> list[str]:

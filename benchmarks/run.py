@@ -1,0 +1,388 @@
+"""The benchmark suite: ratios against the baselines, measured side by side in one run.
+
+    python benchmarks/run.py                      # full size; writes docs/BENCHMARKS.md
+    python benchmarks/run.py --smoke --output X   # tiny sizes, what CI runs to keep this working
+
+Every figure is the median of interleaved repetitions (method A, method B, A, B, ...), so drift of
+the machine hits both sides alike. The GPU tables come from benchmarks/results/*.json, written by
+benchmarks/gpu/*.py on the GPU machine (docs/GPU.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from measure import measure_isolated  # noqa: E402
+
+from ckptmgr import CheckpointManager  # noqa: E402
+from ckptmgr.verify import verify_checkpoint  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=REPO)
+
+
+def interleave(methods: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
+    """Median seconds of each method, run in turn ``reps`` times."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(reps):
+        for name, run in methods.items():
+            samples[name].append(run())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def state_of(nbytes: int) -> dict:
+    chunk = 64 * 1024 * 1024
+    tensors = {f"layer{i}.weight": torch.randn(chunk // 4) for i in range(max(1, nbytes // chunk))}
+    if nbytes < chunk:
+        tensors = {"layer0.weight": torch.randn(max(1, nbytes // 4))}
+    return {"state_dict": tensors, "step": 1}
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# -- 1. save ------------------------------------------------------------------
+def bench_save(work: str, sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        state = state_of(size)
+        run_dir = os.path.join(work, f"save-{size}")
+        manager = CheckpointManager(run_dir, keep_last=1).open()
+        step = [0]
+
+        def managed(manager=manager, state=state, step=step) -> float:
+            step[0] += 1
+            t0 = time.perf_counter()
+            manager.save(state, step=step[0])
+            return time.perf_counter() - t0
+
+        def raw(state=state) -> float:
+            path = os.path.join(work, "raw.pt")
+            t0 = time.perf_counter()
+            torch.save(state, path)
+            fsync_path(path)
+            seconds = time.perf_counter() - t0
+            os.unlink(path)
+            return seconds
+
+        result = interleave({"managed": managed, "torch.save+fsync": raw}, reps)
+        manager.close()
+        shutil.rmtree(run_dir)
+        rows.append({"size_bytes": size, **result, "ratio": result["managed"] / result["torch.save+fsync"]})
+    return rows
+
+
+# -- 2. verify ----------------------------------------------------------------
+def bench_verify(work: str, sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    cold_ok = drop_caches()
+    for size in sizes:
+        run_dir = os.path.join(work, f"verify-{size}")
+        with CheckpointManager(run_dir, keep_last=None) as manager, manager.stage(step=1) as staging:
+            block = os.urandom(16 * 1024 * 1024)
+            for index in range(max(1, size // (256 * 1024 * 1024))):  # 256 MB files, as DeepSpeed shards are
+                with staging.open_file(f"shard{index}.bin") as f:
+                    for _ in range(min(size, 256 * 1024 * 1024) // len(block)):
+                        f.write(block)
+        ckpt = os.path.join(run_dir, "step=1.ckpt")
+        files = sorted(glob.glob(os.path.join(ckpt, "*.bin")))
+        total = sum(os.path.getsize(f) for f in files)
+        verify_cmd = [sys.executable, "-m", "ckptmgr", "verify", ckpt]
+        cat_cmd = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *files]
+
+        def timed(cmd: list[str], cold: bool) -> Callable[[], float]:
+            def run() -> float:
+                if cold:
+                    drop_caches()
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, env=ENV, stdout=subprocess.DEVNULL)
+                return time.perf_counter() - t0
+            return run
+
+        subprocess.run(cat_cmd, check=True)  # warm the cache
+        warm = interleave({"ckptmgr verify": timed(verify_cmd, False), "cat": timed(cat_cmd, False)}, reps)
+        row = {"size_bytes": total, "warm": warm,
+               "warm_ratio_throughput": warm["cat"] / warm["ckptmgr verify"]}
+        if cold_ok:
+            cold = interleave({"ckptmgr verify": timed(verify_cmd, True), "cat": timed(cat_cmd, True)},
+                              max(3, reps // 2))
+            row.update(cold=cold, cold_ratio_throughput=cold["cat"] / cold["ckptmgr verify"])
+        rows.append(row)
+        shutil.rmtree(run_dir)
+    return rows
+
+
+def bench_quick_verify(work: str, files: int, reps: int) -> dict:
+    run_dir = os.path.join(work, "many-files")
+    with CheckpointManager(run_dir, keep_last=None) as manager, manager.stage(step=1) as staging:
+        for index in range(files):
+            with staging.open_file(f"f/{index:05d}.bin") as f:
+                f.write(b"x" * 64)
+    ckpt = os.path.join(run_dir, "step=1.ckpt")
+    seconds = interleave({"quick": lambda: _time(lambda: verify_checkpoint(ckpt, quick=True))}, reps)["quick"]
+    start = interleave({"ckptmgr --version": lambda: _time_cmd([sys.executable, "-m", "ckptmgr", "--version"]),
+                        "python -c pass": lambda: _time_cmd([sys.executable, "-c", "pass"])}, reps)
+    shutil.rmtree(run_dir)
+    return {"files": files, "quick_seconds": seconds, "ms_per_1000_files": 1000 * seconds / files * 1000 / 1000,
+            "cli_start": start}
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _time_cmd(cmd: list[str]) -> float:
+    return _time(lambda: subprocess.run(cmd, check=True, env=ENV, stdout=subprocess.DEVNULL))
+
+
+# -- 3. resume ----------------------------------------------------------------
+def bench_resume(work: str, size: int, reps: int) -> dict:
+    run_dir = os.path.join(work, "resume")
+    state = state_of(size)
+    with CheckpointManager(run_dir, keep_last=None) as manager:
+        good = manager.save(state, step=1)
+        bad = manager.save(state, step=2)
+    del state
+    manager = CheckpointManager(run_dir)
+
+    def consume(state: dict) -> float:
+        # Resuming means the bytes reach the model: touch every tensor, so a lazy (mmap) load hides nothing.
+        return float(sum(t.sum() for t in state["state_dict"].values()))
+
+    def plain_load() -> dict:
+        return torch.load(good.load_path, weights_only=True)
+
+    plain = interleave({"verified load (newest intact)": lambda: _time(lambda: consume(manager.load(good))),
+                        "torch.load": lambda: _time(lambda: consume(plain_load()))}, reps)
+    with open(bad.load_path, "r+b") as f:  # corrupt the newest: resume must fall back
+        f.seek(os.path.getsize(bad.load_path) // 2)
+        f.write(b"\xff")
+    fallback = interleave({
+        "load with fallback": lambda: _time(lambda: consume(manager.load())),
+        "verify(bad) + load(good)": lambda: _time(lambda: (verify_checkpoint(bad.path), consume(plain_load()))),
+    }, reps)
+    shutil.rmtree(run_dir)
+    return {"size_bytes": size, **plain, **fallback,
+            "ratio_verified_vs_plain": plain["verified load (newest intact)"] / plain["torch.load"],
+            "ratio_fallback_vs_bound": fallback["load with fallback"] / fallback["verify(bad) + load(good)"]}
+
+
+# -- 4. export ----------------------------------------------------------------
+def bench_export(work: str, width: int, reps: int) -> dict | None:
+    out = os.path.join(work, "zero3")
+    worker = os.path.join(HERE, "zero3_fixture.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           worker, out, str(width)], capture_output=True, text=True,
+                          env=dict(ENV, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    src = os.path.join(out, "step=1.ckpt")
+    reference = ("import sys; from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict "
+                 "as c; c(sys.argv[1], sys.argv[2])")
+    results: dict[str, list[dict]] = {"ckptmgr export": [], "zero_to_fp32": []}
+    for rep in range(reps):
+        for name in results:
+            target = os.path.join(work, f"export-{name.split()[0]}-{rep}")
+            cmd = ([sys.executable, "-m", "ckptmgr", "export", src, "-o", target] if name == "ckptmgr export"
+                   else [sys.executable, "-c", reference, src, target])
+            results[name].append(measure_isolated(cmd, env=dict(ENV, DS_ACCELERATOR="cpu")))
+            shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.path.exists(target) and \
+                os.unlink(target)
+    summary = {name: {"seconds": statistics.median(r["seconds"] for r in runs),
+                      "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+                      "failures": sum(r["returncode"] != 0 for r in runs)} for name, runs in results.items()}
+    shard_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(src, "checkpoint", "*optim_states.pt")))
+    shutil.rmtree(out)
+    a, b = summary["ckptmgr export"], summary["zero_to_fp32"]
+    return {**summary, "optimizer_shard_bytes": shard_bytes, "time_ratio": a["seconds"] / b["seconds"],
+            "rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
+
+
+# -- 5. walk ------------------------------------------------------------------
+def bench_walk(work: str, files: int, reps: int) -> dict:
+    root = os.path.join(work, "volume")
+    runs, per_run = max(1, files // 100), 10
+    for r in range(runs):
+        with CheckpointManager(os.path.join(root, f"exp{r % 10}", f"run{r}"), keep_last=None) as manager:
+            for step in range(1, per_run + 1):
+                with manager.stage(step=step) as staging:
+                    for index in range(files // runs // per_run - 1):
+                        with staging.open_file(f"shard{index}.bin") as f:
+                            f.write(b"y" * 128)
+    count = sum(len(f) for _, _, f in os.walk(root))
+    seconds = interleave({"walk --quick": lambda: _time_cmd([sys.executable, "-m", "ckptmgr", "walk", root,
+                                                              "--quick", "--json"])}, reps)["walk --quick"]
+    shutil.rmtree(root)
+    return {"files": count, "runs": runs, "seconds": seconds}
+
+
+# -- report -------------------------------------------------------------------
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def render(results: dict, machine: str) -> str:
+    lines = ["# Benchmarks", "",
+             "Written by `python benchmarks/run.py` (CPU tables) from one run, and from "
+             "`benchmarks/results/*.json` (GPU tables, written by `benchmarks/gpu/*.py`). Every figure is the "
+             "median of interleaved repetitions; ratios compare methods measured side by side in the same run. "
+             "Absolute times drift between machines; the ratios are what the targets are about.", "",
+             f"## CPU ({machine}; {results['reps']} repetitions)", ""]
+    lines += ["### 1. Save: managed save vs `torch.save` + fsync (target <= 1.05x)", "",
+              "| state | managed | torch.save+fsync | ratio |", "|---|---|---|---|"]
+    for r in results["save"]:
+        lines.append(f"| {gb(r['size_bytes'])} | {r['managed']:.3f} s | {r['torch.save+fsync']:.3f} s | "
+                     f"{r['ratio']:.2f}x |")
+    lines += ["", "### 2. Verify: `ckptmgr verify` end to end (process start included) vs `cat FILES > /dev/null` "
+              "(target >= 0.8x the read throughput)", "",
+              "| data | cache | ckptmgr verify | cat | throughput ratio |", "|---|---|---|---|---|"]
+    for r in results["verify"]:
+        lines.append(f"| {gb(r['size_bytes'])} | warm | {r['warm']['ckptmgr verify']:.3f} s | {r['warm']['cat']:.3f} s"
+                     f" | {r['warm_ratio_throughput']:.2f}x |")
+        if "cold" in r:
+            lines.append(f"| {gb(r['size_bytes'])} | cold | {r['cold']['ckptmgr verify']:.3f} s | "
+                         f"{r['cold']['cat']:.3f} s | {r['cold_ratio_throughput']:.2f}x |")
+    if not any("cold" in r for r in results["verify"]):
+        lines.append("| | cold | not measured: /proc/sys/vm/drop_caches is not writable here | | |")
+    q = results["quick"]
+    lines += ["", f"Quick mode (manifest + sizes): {q['files']} files in {1000 * q['quick_seconds']:.1f} ms = "
+              f"**{1000 * q['quick_seconds'] / q['files'] * 1000:.2f} ms per 1,000 files** (target <= 10 ms). "
+              f"CLI start (`ckptmgr --version`, no torch import): {1000 * q['cli_start']['ckptmgr --version']:.0f} ms "
+              f"vs `python -c pass` {1000 * q['cli_start']['python -c pass']:.0f} ms.", ""]
+    r = results["resume"]
+    lines += [f"### 3. Resume ({gb(r['size_bytes'])} checkpoint; each method also reads every tensor once)", "",
+              "| | seconds | ratio | target |", "|---|---|---|---|",
+              f"| verified load (verify while loading) vs `torch.load` | {r['verified load (newest intact)']:.3f} vs "
+              f"{r['torch.load']:.3f} | {r['ratio_verified_vs_plain']:.2f}x | <= 1.10x |",
+              f"| corrupt newest: load with fallback vs verify(bad) + load(good) | {r['load with fallback']:.3f} vs "
+              f"{r['verify(bad) + load(good)']:.3f} | {r['ratio_fallback_vs_bound']:.2f}x | <= 1.0x |", ""]
+    e = results.get("export")
+    lines += ["### 4. Export: `ckptmgr export` vs DeepSpeed's `zero_to_fp32` on the same ZeRO-3 checkpoint "
+              "(2 ranks, CPU)", ""]
+    if e and "error" not in e:
+        a, b = e["ckptmgr export"], e["zero_to_fp32"]
+        lines += ["| | time | peak RSS |", "|---|---|---|",
+                  f"| ckptmgr export | {a['seconds']:.2f} s | {gb(a['peak_rss_bytes'])} |",
+                  f"| zero_to_fp32 (convert_zero_checkpoint_to_fp32_state_dict) | {b['seconds']:.2f} s | "
+                  f"{gb(b['peak_rss_bytes'])} |",
+                  f"| ratio (targets: time <= 1.0x, RSS <= 0.5x) | {e['time_ratio']:.2f}x | {e['rss_ratio']:.2f}x |",
+                  "", f"Optimizer shards: {gb(e['optimizer_shard_bytes'])}.", ""]
+    else:
+        lines += ["Not run in this invocation.", ""]
+    w = results["walk"]
+    lines += [f"### 5. Walk: `ckptmgr walk --quick` over {w['files']:,} files in {w['runs']} runs: "
+              f"**{w['seconds']:.2f} s** (process start included)", ""]
+    lines += render_gpu()
+    return "\n".join(lines) + "\n"
+
+
+def render_gpu() -> list[str]:
+    lines = ["## GPU (from benchmarks/results/*.json)", ""]
+    path = os.path.join(HERE, "results")
+    stalls = sorted(glob.glob(os.path.join(path, "gpu_*async_stall*.json")))
+    for file in stalls:
+        with open(file) as f:
+            d = json.load(f)
+        lines += [f"### Training stall per checkpoint, {d['state_bytes'] / 1e9:.1f} GB of state (1.0 B params + "
+                  f"AdamW), {d['device']}, torch {d['torch']}, median of {d['repetitions']} "
+                  f"(`{os.path.basename(file)}`)", "",
+                  "| method | stall | total (until durable) | stall per GB |", "|---|---|---|---|"]
+        for name, m in d["methods"].items():
+            lines.append(f"| {name} | {m['stall_s']:.3f} s | {m['total_s']:.2f} s | {m['stall_ms_per_gb']:.1f} ms |")
+        lines += [""] + [f"- {k}: {v}" for k, v in d["ratios"].items()] + [""]
+    for file in sorted(glob.glob(os.path.join(path, "gpu_*deepspeed_stage*.json"))):
+        with open(file) as f:
+            d = json.load(f)
+        ex = d["export"]
+        lines += [f"### DeepSpeed ZeRO-{d['stage']} through Lightning, 2x H100 (`{os.path.basename(file)}`)", "",
+                  f"- save per save event: ManagedCheckpoint {d['managed_save']['seconds_per_save_event']:.2f} s "
+                  f"(one write, hashed, fsynced, committed; `last` is an alias) vs Lightning's ModelCheckpoint "
+                  f"{d['lightning_save']['seconds_per_save_event']:.2f} s ({d['lightning_save']['writes']} writes for "
+                  f"2 events: `last.ckpt` is a second full copy; no fsync), checkpoint "
+                  f"{d['lightning_save']['checkpoint_bytes'] / 1e9:.2f} GB",
+                  f"- SIGKILL after step {d['kill']['killed_after_step']}, resumed from "
+                  f"`{os.path.basename(d['resume']['resumed_from'])}` to step {d['resume']['end_step']} "
+                  f"(complete: {d['resume']['complete']}); `ckptmgr verify` exit {d['verify']['exit']}",
+                  f"- export: ckptmgr {ex['ckptmgr']['seconds']:.1f} s / {gb(ex['ckptmgr']['peak_rss_bytes'])} peak "
+                  f"RSS vs DeepSpeed (via Lightning's converter) {ex['deepspeed_via_lightning']['seconds']:.1f} s / "
+                  f"{gb(ex['deepspeed_via_lightning']['peak_rss_bytes'])}; bitwise equal: "
+                  f"{ex.get('parity', {}).get('bitwise_equal')}/{ex.get('parity', {}).get('tensors_reference')} "
+                  f"tensors"] + [f"- note: {note}" for note in d.get("notes", [])] + [""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--output", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: save verify resume export walk")
+    args = parser.parse_args()
+    reps = args.reps or (2 if args.smoke else 5)
+    mb = 1024 * 1024
+    sizes = dict(save=[4 * mb] if args.smoke else [256 * mb, 1024 * mb, 4096 * mb],
+                 verify=[8 * mb] if args.smoke else [1024 * mb, 10240 * mb],
+                 resume=8 * mb if args.smoke else 1024 * mb, quick=200 if args.smoke else 1000,
+                 walk=500 if args.smoke else 10_000, width=64 if args.smoke else 1024)
+    work = tempfile.mkdtemp(prefix="ckptmgr-bench-", dir=os.environ.get("CKPTMGR_BENCH_DIR"))
+    results: dict = {"reps": reps}
+    try:
+        steps = {"save": lambda: bench_save(work, sizes["save"], reps),
+                 "verify": lambda: bench_verify(work, sizes["verify"], reps),
+                 "quick": lambda: bench_quick_verify(work, sizes["quick"], reps),
+                 "resume": lambda: bench_resume(work, sizes["resume"], reps),
+                 "export": lambda: bench_export(work, sizes["width"], max(3, reps // 2) if not args.smoke else 1),
+                 "walk": lambda: bench_walk(work, sizes["walk"], reps)}
+        for name, step in steps.items():
+            if name in args.skip:
+                continue
+            t0 = time.monotonic()
+            results[name] = step()
+            print(f"{name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    machine = (f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+               f"torch {torch.__version__}")
+    text = render(results, machine)
+    with open(args.output, "w") as f:
+        f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
