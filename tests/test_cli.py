@@ -121,3 +121,27 @@ def test_readers_never_modify_nor_import_torch(make_run, run_dir):
                               env=dict(os.environ, PYTHONPATH=REPO))
         assert proc.returncode == 0, proc.stderr
     assert snapshot(run_dir) == before
+
+
+EVERY_COMMAND = [["verify", "{p}"], ["list", "{p}"], ["resolve", "{p}"], ["seal", "{p}"], ["walk", "{p}"],
+                 ["export", "{p}", "-o", "{out}"], ["estimate", "{p}", "--total-steps", "10"],
+                 ["timeline", "{p}", "-o", "{out}.png"]]
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=[c[0] for c in EVERY_COMMAND])
+@pytest.mark.parametrize("kind", ["text-file", "missing"])
+def test_every_command_refuses_bad_input_in_one_line(command, kind, tmp_path):
+    path = tmp_path / "notes.txt"
+    if kind == "text-file":
+        path.write_text("not a checkpoint")
+    else:
+        path = tmp_path / "missing"
+    args = [a.format(p=path, out=tmp_path / "out") for a in command]
+    before = snapshot(str(tmp_path))
+    proc = run_cli(*args)
+    assert proc.returncode in (1, 2, 3), (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("ckptmgr: error: ")
+    if kind == "missing":
+        assert proc.returncode == 2
+    assert snapshot(str(tmp_path)) == before  # nothing created or modified

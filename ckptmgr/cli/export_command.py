@@ -6,7 +6,7 @@ import argparse
 import re
 
 from ..errors import UsageError
-from .output import Output, human_bytes
+from .output import LazyBar, Output, human_bytes
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -51,11 +51,14 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
     from ..export import export
 
-    with out.progress("exporting", 0) as advance:
+    bar = LazyBar(out, "exporting")
+    try:
         result = export(args.src, args.output, fmt=args.format, dtype=args.dtype,
                         strip_prefixes=tuple(args.strip_prefix), max_shard_bytes=args.max_shard_size,
-                        tag=args.tag, force=args.force, unsafe_load=args.unsafe_load,
-                        on_tensor=lambda name, n: advance(n))
+                        tag=args.tag, force=args.force, unsafe_load=args.unsafe_load, on_plan=bar.start,
+                        on_tensor=lambda name, n: bar.advance(n))
+    finally:
+        bar.close()
     data = vars(result)
     out.result(data, lambda d: out.console.print(
         f"exported {d['source']} ({d['source_kind']}) -> {d['path']}: {d['tensors']} tensors, "

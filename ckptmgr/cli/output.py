@@ -59,6 +59,26 @@ class Output:
             yield lambda n: bar.advance(task, n)
 
 
+class LazyBar:
+    """A byte progress bar whose total is known only once work is planned (export)."""
+
+    def __init__(self, out: Output, description: str):
+        self.out, self.description = out, description
+        self._context: Any = None
+        self._advance: Callable[[int], None] = lambda n: None
+
+    def start(self, total_bytes: int) -> None:
+        self._context = self.out.progress(self.description, total_bytes)
+        self._advance = self._context.__enter__()
+
+    def advance(self, n: int) -> None:
+        self._advance(n)
+
+    def close(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"

@@ -99,7 +99,7 @@ def _check_source(src: str, force: bool) -> tuple[str, str, int]:
 
 def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = None,
            strip_prefixes: tuple[str, ...] = (), max_shard_bytes: int | None = None, tag: str | None = None,
-           force: bool = False, unsafe_load: bool = False,
+           force: bool = False, unsafe_load: bool = False, on_plan: Callable[[int], None] | None = None,
            on_tensor: Callable[[str, int], None] | None = None) -> ExportResult:
     started = time.monotonic()
     if fmt not in ("safetensors", "bin"):
@@ -120,6 +120,8 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
     planned = _plan(reader.specs(), cast, strip_prefixes, src)
     stem, suffix = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
     shards = plan_shards(planned, stem=stem, suffix=suffix, max_bytes=max_shard_bytes)
+    if on_plan is not None:
+        on_plan(sum(s.nbytes for s in shards))
     names = {p.name: p for p in planned}
     renamed = dict(zip((s.name for s in reader.specs()), (p.name for p in planned), strict=True))
 

@@ -11,11 +11,10 @@ not the whole model (nor, for ZeRO-2, twice the model).
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import math
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,17 +60,34 @@ def _safe_load(path: str, *, unsafe: bool) -> Any:
                                      hint="pass --unsafe-load only if you trust this file") from exc
 
 
+class _ZeroStage(enum.IntEnum):
+    """Stands in for deepspeed.runtime.zero.config.ZeroStageEnum (same values)."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+class _InertRecord:
+    """Stands in for DeepSpeed's plain-data classes: keeps what it is given, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
 def _deepspeed_safe_globals() -> list[Any]:
-    """DeepSpeed's plain-data classes found in its optimizer shards (empty without DeepSpeed)."""
-    # DeepSpeed's logger binds to stdout at import and warns there; keep stdout for --json data.
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            from deepspeed.runtime.fp16.loss_scaler import LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
-        except ImportError:
-            return []
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    """DeepSpeed's classes found in its optimizer shards, mapped to inert stand-ins.
+
+    The weights-only unpickler looks them up by name; nothing of DeepSpeed is imported or run,
+    so export works without DeepSpeed installed and loads only data.
+    """
+    return [(_ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+            (type("LossScaler", (_InertRecord,), {}), "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+            (type("fragment_address", (_InertRecord,), {}), "deepspeed.utils.tensor_fragment.fragment_address")]
 
 
 @dataclass
