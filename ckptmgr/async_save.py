@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -81,12 +82,24 @@ class AsyncCheckpointer:
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self.last_checkpoint: Checkpoint | None = None
+        self.persist_seconds: list[float] = []
 
     def save(self, state: Any, *, step: int, epoch: int | None = None, **kwargs: Any) -> None:
         """Snapshot ``state`` now (blocking only for the copy) and persist it in the background."""
         self.wait()
         snapshot = self.buffers.snapshot(state)
-        self._in_flight = self.submit(lambda: self.manager.save(snapshot, step=step, epoch=epoch, **kwargs))
+        self.submit_save(lambda: self.manager.save(snapshot, step=step, epoch=epoch, **kwargs))
+
+    def submit_save(self, job: Callable[[], Any]) -> None:
+        """Run a save job in the background as *the* save in flight (timed for stop decisions)."""
+
+        def timed() -> Any:
+            started = time.monotonic()
+            result = job()
+            self.persist_seconds.append(time.monotonic() - started)
+            return result
+
+        self._in_flight = self.submit(timed)
 
     def submit(self, job: Callable[[], Any]) -> Future:
         """Run ``job`` on the worker after everything submitted before; skipped after a failure."""

@@ -48,6 +48,7 @@ def fit(ns, callback, *, max_steps=12, ckpt_path=None):
     pl, Tiny = module_class(ns)
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[callback], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    torch.manual_seed(0)  # the same initial weights in every run, so runs can be compared
     trainer.fit(Tiny(), ckpt_path=ckpt_path)
     return trainer
 
@@ -136,3 +137,39 @@ def test_isinstance_holds_in_both_namespaces():
     assert isinstance(callback, L.callbacks.ModelCheckpoint) and isinstance(callback, PL.callbacks.ModelCheckpoint)
     fit("pytorch_lightning", callback, max_steps=2)
     assert isinstance(callback, ManagedCheckpoint) and isinstance(callback, PL.callbacks.ModelCheckpoint)
+
+
+def test_async_save_gives_the_same_checkpoints(tmp_path):
+    kwargs = dict(monitor="step", mode="max", save_top_k=2, every_n_train_steps=2, save_last=True)
+    sync = ManagedCheckpoint(dirpath=str(tmp_path / "sync"), **kwargs)
+    background = ManagedCheckpoint(dirpath=str(tmp_path / "async"), async_save=True, **kwargs)
+    fit("lightning.pytorch", sync)
+    fit("lightning.pytorch", background)
+    assert entries(tmp_path / "async") == entries(tmp_path / "sync")
+    run_dir = str(tmp_path / "async")
+    found = CheckpointManager(run_dir).resolve()
+    assert found.step == 12 and os.readlink(os.path.join(run_dir, "last.ckpt")) == found.name
+    assert all(c.result.valid for c in CheckpointManager(run_dir).checkpoints() if c.result is not None)
+    a = torch.load(found.load_path, weights_only=False)["state_dict"]
+    b = torch.load(CheckpointManager(str(tmp_path / "sync")).resolve().load_path, weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the snapshot is the state at the save step
+
+
+def test_async_save_failure_surfaces_and_deletes_nothing(tmp_path):
+    from ckptmgr import CommitError
+
+    class FailSecond:
+        calls = 0
+
+        def persist(self, path):
+            FailSecond.calls += 1
+            if FailSecond.calls == 2:
+                raise RuntimeError("volume commit failed")
+
+    callback = ManagedCheckpoint(dirpath=str(tmp_path), save_top_k=1, every_n_train_steps=4, async_save=True,
+                                 durability=FailSecond())
+    with pytest.raises(CommitError, match="volume commit failed"):
+        fit("lightning.pytorch", callback)
+    # The first save (step 4) stays: its removal was queued after the failed save and never ran.
+    assert CheckpointManager(str(tmp_path)).resolve().step in (4, 8)
+    assert os.path.isdir(tmp_path / "epoch=0-step=4.ckpt")

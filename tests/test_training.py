@@ -138,8 +138,10 @@ def test_time_budget_stops_and_every_invocation_gets_a_full_budget(tmp_path):
         runs.append((code, json.loads(out), time.monotonic() - started))
     for code, summary, wall in runs:
         assert code == 75 and summary["stop_reason"] == "time budget"
-        assert wall < 14 + 8  # stopped within the budget (plus interpreter start and exit, on a loaded CI box)
-        assert summary["end_step"] - summary["start_step"] > 20  # real progress, second time too
+        # The budget counts from process start: the trainer's own clock says when it stopped.
+        assert summary["wall_seconds"] <= 14 + 1, summary
+        assert wall < 14 + 30  # and the process ended soon after (interpreter exit, loaded CI box)
+        assert summary["end_step"] - summary["start_step"] > 5  # real progress, the second time too
     first, second = runs[0][1], runs[1][1]
     assert second["start_step"] == first["end_step"]  # resumed where the budget stopped it
     assert resolve(os.path.join(output, "runs", "run")).step == second["end_step"]
@@ -154,13 +156,14 @@ def test_lightning_max_time_is_cumulative_which_is_why_time_budget_exists(tmp_pa
     steps = []
     for _ in range(2):
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
-        trainer = pl.Trainer(max_time={"seconds": 3}, callbacks=[checkpoint], logger=False,
+        trainer = pl.Trainer(max_time={"seconds": 8}, callbacks=[checkpoint], logger=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         last = os.path.join(str(tmp_path), "last.ckpt")
         start = torch.load(last, weights_only=False)["global_step"] if os.path.exists(last) else 0
         trainer.fit(TinyTransformer(width=32, layers=1), ckpt_path=last if os.path.exists(last) else None)
         steps.append(trainer.global_step - start)
-    assert steps[0] > 20 and steps[1] <= 2
+    # The first invocation trains for its 8 s; the second, resumed, stops almost at once.
+    assert steps[0] > 5 and steps[1] <= 2
 
 
 def test_corrupt_last_falls_back_and_quarantines(reference, tmp_path):
@@ -229,3 +232,14 @@ def test_ddp_two_cpu_processes_write_one_consistent_checkpoint(tmp_path):
                                  "--max-steps", "60", "--json", timeout=600)
     assert code == 0, err
     assert json.loads(out)["end_step"] == 60
+
+
+def test_async_save_resume_after_sigkill_is_bitwise_identical(reference, tmp_path):
+    output = str(tmp_path)
+    proc = trainer(output, "run", "--max-steps", "100000", "--async-save")
+    wait_for_step(os.path.join(output, "runs", "run"), 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    code, out, err = run_trainer(output, "run", "--max-steps", str(STEPS), "--async-save")
+    assert code == 0, err
+    assert_identical(reference[1], final_state(output, "run"))

@@ -55,6 +55,7 @@ class TrainConfig:
     allow_fresh: bool = False
     force_config: bool = False
     progress_bar: bool = True
+    async_save: bool = False
     checkpointing: str = "managed"  # "lightning": plain ModelCheckpoint, for side-by-side benchmarks only
 
     @property
@@ -116,7 +117,7 @@ def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
         checkpoint: Any = TimedModelCheckpoint(**checkpoint_args)
     else:
         checkpoint = ManagedCheckpoint(**checkpoint_args, durability=durability,
-                                       config_fingerprint=config.fingerprint())
+                                       config_fingerprint=config.fingerprint(), async_save=config.async_save)
     callbacks: list[Any] = [checkpoint, Preemption(grace_s=config.grace_s), _SaveAtEnd()]
     budget = None
     if config.time_budget is not None:

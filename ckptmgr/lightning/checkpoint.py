@@ -43,9 +43,12 @@ class _ManagedCheckpointMixin:
         durability: DurabilityHook | None = None,
         durability_timeout_s: float = 600.0,
         config_fingerprint: str | None = None,
+        async_save: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.async_save = async_save
+        self._async: Any = None  # an AsyncCheckpointer on global rank 0 when async_save is on
         self._ckptmgr_options = {"durability": durability, "durability_timeout_s": durability_timeout_s,
                                  "config_fingerprint": config_fingerprint}
         self.manager: CheckpointManager | None = None
@@ -65,10 +68,33 @@ class _ManagedCheckpointMixin:
             current = trainer.strategy.checkpoint_io
             if not isinstance(current, ManagedCheckpointIO):
                 trainer.strategy.checkpoint_io = ManagedCheckpointIO(current)
+        elif self.async_save:
+            log.warning("[ckptmgr] async_save is not available with DeepSpeed (its engine writes the shards "
+                        "itself); saving synchronously")
+            self.async_save = False
+        if self.async_save and self.manager is not None and self._async is None:
+            from ..async_save import AsyncCheckpointer
+
+            self._async = AsyncCheckpointer(self.manager)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)  # type: ignore[misc]
+        if self._async is not None:
+            self._async.wait()  # the last save is committed (or its error raised) before fit returns
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._async is not None:
+            self._async.close()
+            self._async = None
         if self.manager is not None:
             self.manager.close()
+
+    def _in_order(self, job: Any) -> None:
+        """Run a manager operation now, or, with async saves, after the save in flight commits."""
+        if self._async is not None:
+            self._async.submit(job)
+        else:
+            job()
 
     # -- saving -----------------------------------------------------------
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
@@ -88,6 +114,9 @@ class _ManagedCheckpointMixin:
             staging_path = handle.path
         staging_path = trainer.strategy.broadcast(staging_path)
         inside = staging_path if deepspeed else os.path.join(staging_path, PAYLOAD_NAME)
+        if self._async is not None and handle is not None:
+            self._async.wait()  # at most one save in flight; raises the previous one's error
+            trainer.strategy.checkpoint_io.async_target = (self._async, self.manager, handle)
         try:
             trainer.save_checkpoint(inside, self.save_weights_only)  # a collective: every rank writes its part
         except BaseException:
@@ -100,7 +129,7 @@ class _ManagedCheckpointMixin:
 
             gather_and_commit(self.manager, handle, staging_path, rank=trainer.global_rank,
                               world_size=trainer.world_size, layout=layout, replace=True)
-        elif handle is not None:
+        elif handle is not None and self._async is None:
             # Lightning has already applied its version counter: a save onto an
             # existing name means "overwrite", done here as a crash-safe replace.
             self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
@@ -126,8 +155,9 @@ class _ManagedCheckpointMixin:
             previous = None
         self.last_model_path = alias
         if trainer.is_global_zero:
-            assert self.manager is not None
-            self.manager.point_last(os.path.basename(self._last_checkpoint_saved), alias=os.path.basename(alias))
+            manager, target = self.manager, os.path.basename(self._last_checkpoint_saved)
+            assert manager is not None
+            self._in_order(lambda: manager.point_last(target, alias=os.path.basename(alias)))
         trainer.strategy.barrier("ckptmgr.last")
         if previous and previous != self._last_checkpoint_saved and previous not in self.best_k_models:
             self._remove_checkpoint(trainer, previous)
@@ -136,12 +166,18 @@ class _ManagedCheckpointMixin:
         if not trainer.is_global_zero or self.manager is None:
             return
         name = os.path.basename(filepath)
-        if os.path.dirname(os.path.abspath(filepath)) != self.manager.run_dir or not os.path.lexists(filepath):
+        if os.path.dirname(os.path.abspath(filepath)) != self.manager.run_dir:
             return
         if self._last_checkpoint_saved and name == os.path.basename(self._last_checkpoint_saved):
             log.info("[ckptmgr] keeping %s: it is the newest checkpoint", filepath)
             return
-        self.manager.delete(filepath)
+        manager = self.manager
+
+        def delete() -> None:  # with async saves: only after the new checkpoint committed
+            if os.path.lexists(filepath):
+                manager.delete(filepath)
+
+        self._in_order(delete)
 
     def save_now(self, trainer: Any, reason: str) -> str | None:
         """Save at this step (time budget, preemption) unless this step is already saved."""
@@ -155,8 +191,11 @@ class _ManagedCheckpointMixin:
         return self._last_checkpoint_saved if self._last_global_step_saved == trainer.global_step else None
 
     def predicted_save_seconds(self) -> float | None:
-        """The slowest recent save: what the next one will probably take."""
-        return max(self.save_seconds[-5:]) if self.save_seconds else None
+        """The slowest recent save (with async saves: its stall plus its background persist)."""
+        if not self.save_seconds:
+            return None
+        persist = max(self._async.persist_seconds[-5:], default=0.0) if self._async is not None else 0.0
+        return max(self.save_seconds[-5:]) + persist
 
     # -- what travels in the checkpoint ------------------------------------
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -175,6 +214,8 @@ class _ManagedCheckpointMixin:
         self._rng_to_restore = state["rng"]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._async is not None:
+            self._async.check()  # a background save that failed surfaces at the next step
         if self._rng_to_restore is not None:
             rng.restore(self._rng_to_restore[trainer.global_rank])
             self._rng_to_restore = None

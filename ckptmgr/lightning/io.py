@@ -8,6 +8,7 @@ and then loads its payload. A corrupt checkpoint raises instead of loading.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import _compat
@@ -17,9 +18,27 @@ from .checkpoint import is_managed, verified_load_path
 class _ManagedCheckpointIOMixin:
     def __init__(self, inner: Any):
         self.inner = inner
+        # Set by ManagedCheckpoint(async_save=True) for the one save it is making: (saver, manager, staging).
+        self.async_target: Any = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if self.async_target is None:
+            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        saver, manager, handle = self.async_target
+        self.async_target = None
+        snapshot = saver.buffers.snapshot(checkpoint)  # the only part that blocks training
+
+        def persist() -> Any:
+            import torch
+
+            from ..manager import _torch_crc32
+
+            with handle.open_file(os.path.basename(str(path))) as f, _torch_crc32(manager.torch_crc32):
+                torch.save(snapshot, f)
+            return manager.commit(handle, replace=True)
+
+        saver.submit_save(persist)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if is_managed(str(path)):
