@@ -62,3 +62,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave together: a rank exiting while its peer still tears down communication threads can abort
+    # the peer ("terminate called without an active exception", seen in CI).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
