@@ -71,6 +71,7 @@ def _quiet_lightning() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # expected: we resume there
 
 
 def main(argv: list[str] | None = None) -> int:
