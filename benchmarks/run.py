@@ -258,7 +258,9 @@ def gb(n: float) -> str:
 
 def render(results: dict, machine: str) -> str:
     lines = ["# Benchmarks", "",
-             "Written by `python benchmarks/run.py` (CPU tables) from one run, and from "
+             "Written by `python benchmarks/run.py` (CPU tables; a section can be re-measured alone with `--reuse`, "
+             "so sections may come from different invocations, but within a section every compared method ran in "
+             "the same invocation), and from "
              "`benchmarks/results/*.json` (GPU tables, written by `benchmarks/gpu/*.py`). Every figure is the "
              "median of interleaved repetitions; ratios compare methods measured side by side in the same run. "
              "Absolute times drift between machines; the ratios are what the targets are about.", "",
@@ -287,7 +289,8 @@ def render(results: dict, machine: str) -> str:
     r = results["resume"]
     lines += [f"### 3. Resume ({gb(r['size_bytes'])} checkpoint; each method also reads every tensor once)", "",
               "| | seconds | ratio | target |", "|---|---|---|---|",
-              f"| verified load (verify while loading) vs `torch.load` | {r['verified load (newest intact)']:.3f} vs "
+              f"| `CheckpointManager.load` (hash, then torch.load with mmap) vs `torch.load` as Lightning calls it | "
+              f"{r['verified load (newest intact)']:.3f} vs "
               f"{r['torch.load']:.3f} | {r['ratio_verified_vs_plain']:.2f}x | <= 1.10x |",
               f"| corrupt newest: load with fallback vs verify(bad) + load(good) | {r['load with fallback']:.3f} vs "
               f"{r['verify(bad) + load(good)']:.3f} | {r['ratio_fallback_vs_bound']:.2f}x | <= 1.0x |", ""]
