@@ -66,3 +66,9 @@ if __name__ == "__main__":
     # the peer ("terminate called without an active exception", seen in CI).
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    # ZeRO-3 on CPU intermittently aborts in C++ teardown at interpreter exit, after all work is done
+    # ("terminate called without an active exception": a thread left joinable). The report is out
+    # and every file is committed and fsynced, so leave without running those destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
