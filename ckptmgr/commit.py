@@ -121,17 +121,8 @@ class StagedCheckpoint:
             raise CommitError(self.path, f"files written through ckptmgr vanished: {missing}")
         foreign = sorted((p for p in present if p not in self._hashed), key=lambda p: -present[p])
 
-        def hash_and_sync(relpath: str) -> FileEntry:
-            full = os.path.join(self.path, relpath)
-            try:
-                self.storage.sync_file(full)
-                size, digest = hash_file(full)
-            except OSError as exc:
-                raise from_os_error(full, "hashing a staged file", exc) from exc
-            return FileEntry(path=relpath, size=size, xxh3_128=digest)
-
         with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            hashed = list(pool.map(hash_and_sync, foreign))
+            hashed = list(pool.map(lambda relpath: sync_and_hash(self.storage, self.path, relpath), foreign))
         return sorted([*self._hashed.values(), *hashed], key=lambda e: e.path)
 
     def _sync_dirs(self) -> None:
@@ -168,6 +159,17 @@ class StagedCheckpoint:
             writer={"host": socket.gethostname(), "pid": os.getpid()},
             versions=_versions(),
         )
+
+
+def sync_and_hash(storage: Storage, root: str, relpath: str) -> FileEntry:
+    """fsync and hash a file someone else wrote into a staging directory (from page cache)."""
+    full = os.path.join(root, relpath)
+    try:
+        storage.sync_file(full)
+        size, digest = hash_file(full)
+    except OSError as exc:
+        raise from_os_error(full, "hashing a staged file", exc) from exc
+    return FileEntry(path=relpath, size=size, xxh3_128=digest)
 
 
 def _versions() -> dict[str, str]:

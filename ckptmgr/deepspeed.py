@@ -14,15 +14,15 @@ never verifies and a resume under another world size is refused by name.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
 from .catalog import Checkpoint
+from .commit import sync_and_hash
 from .errors import CommitError, ConfigMismatchError, InvalidCheckpointError, NoValidCheckpointError
-from .hashing import hash_file
 from .manager import CheckpointManager
 from .manifest import FileEntry
+from .storage import LocalStorage, Storage
 from .verify import list_tree, missing_shards
 
 DEFAULT_TAG = "checkpoint"
@@ -35,21 +35,12 @@ def owner_rank(relpath: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def hash_own_files(staging: str, rank: int, world_size: int) -> list[FileEntry]:
+def hash_own_files(staging: str, rank: int, world_size: int, storage: Storage | None = None) -> list[FileEntry]:
     """Hash the files this rank wrote; rank 0 also takes the shared ones (latest, scripts)."""
     files, _ = list_tree(staging)
     mine = sorted(p for p in files if owner_rank(p) % max(world_size, 1) == rank)
-    entries = []
-    for relpath in mine:
-        full = os.path.join(staging, relpath)
-        fd = os.open(full, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the writer's own fsync: on network filesystems only the writer's counts
-        finally:
-            os.close(fd)
-        size, digest = hash_file(full)
-        entries.append(FileEntry(path=relpath, size=size, xxh3_128=digest))
-    return entries
+    # The writer's own fsync: on network filesystems only the writer's counts.
+    return [sync_and_hash(storage or LocalStorage(), staging, relpath) for relpath in mine]
 
 
 def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False) -> dict[str, list[str]]:
@@ -81,7 +72,7 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
     """Collective: hash own files, gather at rank 0, which checks shards and commits."""
     import torch.distributed as dist
 
-    entries = hash_own_files(staging, rank, world_size)
+    entries = hash_own_files(staging, rank, world_size, manager.storage if manager is not None else None)
     gathered: list[Any] = [None] * world_size
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.all_gather_object(gathered, entries)

@@ -73,6 +73,13 @@ class Staging:
         """Write a payload file hashed in one pass (preferred over writing by path)."""
         return self._staged.open_file(relpath)
 
+    def save_torch(self, obj: Any, relpath: str, *, torch_crc32: bool = False) -> None:
+        """``torch.save`` into a payload file, hashed in one pass (see ``CheckpointManager.torch_crc32``)."""
+        import torch
+
+        with self.open_file(relpath) as f, _torch_crc32(torch_crc32):
+            torch.save(obj, f)
+
     def add_hashed(self, entries: Iterable[FileEntry]) -> None:
         """Entries hashed by the processes that wrote them (other ranks); fsynced by them."""
         self._staged.add_hashed(entries)
@@ -157,12 +164,10 @@ class CheckpointManager:
         name: str | None = None,
     ) -> Checkpoint:
         """Save ``obj`` with ``torch.save`` as a single-payload checkpoint."""
-        import torch  # imported here: readers of checkpoints never need torch
 
         with self.stage(step=step, epoch=epoch, metadata=metadata, epoch_end=epoch_end, name=name,
                         kind="torch", load_path=PAYLOAD_NAME) as staging:
-            with staging.open_file(PAYLOAD_NAME) as f, _torch_crc32(self.torch_crc32):
-                torch.save(obj, f)
+            staging.save_torch(obj, PAYLOAD_NAME, torch_crc32=self.torch_crc32)
         assert staging.checkpoint is not None
         return staging.checkpoint
 
@@ -426,66 +431,34 @@ class CheckpointManager:
              weights_only: bool = True, force_config: bool = False) -> Any:
         """Load the newest intact single-payload checkpoint (or ``checkpoint``), verified.
 
-        Each candidate is hashed (one read of its bytes) and then loaded
-        memory-mapped from the pages that read left in the cache, so a resume
-        pays one pass over the data, not two. A candidate that fails is
-        skipped (quarantined when this manager holds the writer lock) and the
-        next one is tried.
+        Resolution hashes each candidate (one read of its bytes; a corrupt one is
+        skipped, and quarantined when this manager holds the writer lock); the
+        pick is then loaded memory-mapped from the pages that read left in the
+        cache, so a resume pays one pass over the data, not two.
         """
-        if checkpoint is not None:
-            return self._load_verified(checkpoint, map_location, weights_only, force_config)
-        skipped: list[tuple[Candidate, str]] = []
-        for candidate in catalog.scan(self.run_dir):
-            if candidate.alias_of is not None:
-                continue
-            reason = candidate.problem
-            if reason is None:
-                quick = verify_checkpoint(candidate.path, quick=True)
-                if quick.valid:
-                    try:
-                        state = self._load_verified(Checkpoint(candidate.path, quick.manifest), map_location,
-                                                    weights_only, force_config)  # type: ignore[arg-type]
-                    except InvalidCheckpointError as exc:
-                        reason = exc.message
-                    else:
-                        self._quarantine_skipped(skipped)
-                        return state
-                else:
-                    reason = quick.reason
-            log.warning("[ckptmgr] skipping %s: %s", candidate.path, reason)
-            skipped.append((candidate, reason))
-        detail = "; ".join(f"{c.name}: {r}" for c, r in skipped)
-        raise NoValidCheckpointError(self.run_dir, f"{len(skipped)} candidate(s), none valid ({detail})" if skipped
-                                     else "no checkpoint to load")
+        if checkpoint is None:
+            checkpoint = self.resolve(quarantine=self.holds_lock, strict=True)
+            if checkpoint is None:
+                raise NoValidCheckpointError(self.run_dir, "no checkpoint to load")
+        else:
+            result = verify_checkpoint(checkpoint.path, workers=self.workers)
+            if not result.valid:
+                raise InvalidCheckpointError(checkpoint.path, result.reason)
+        return self._load_payload(checkpoint, map_location, weights_only, force_config)
 
-    def _load_verified(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
-                       force_config: bool) -> Any:
-        """Hash every file, then load the payload memory-mapped.
-
-        The hash pass is the one read from disk; ``torch.load(mmap=True)`` then maps the same,
-        now cached, pages instead of reading the file a second time, and a corrupt candidate
-        costs only its hash, never a full load. (Old pickle-format files cannot be mapped and
-        are read normally.)
-        """
+    def _load_payload(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
+                      force_config: bool) -> Any:
+        """``torch.load`` of a verified checkpoint, memory-mapped (old pickle-format files are read)."""
         import torch
 
         self.check_config(checkpoint, force=force_config)
         if not os.path.isfile(checkpoint.load_path):
             raise UsageError(checkpoint.path, f"a {checkpoint.manifest.kind!r} checkpoint is not one torch file; "
                                               "load Checkpoint.load_path with its own loader")
-        result = verify_checkpoint(checkpoint.path, workers=self.workers)
-        if not result.valid:
-            raise InvalidCheckpointError(checkpoint.path, result.reason)
         with open(checkpoint.load_path, "rb") as f:
             mappable = f.read(4) == b"PK\x03\x04"
         return torch.load(checkpoint.load_path, map_location=map_location, weights_only=weights_only,
                           mmap=mappable)
-
-    def _quarantine_skipped(self, skipped: list[tuple[Candidate, str]]) -> None:
-        if self.holds_lock:
-            for candidate, reason in skipped:
-                if not candidate.legacy:
-                    self.quarantine(candidate.path, reason)
 
     def check_config(self, checkpoint: Checkpoint, *, force: bool = False) -> None:
         theirs = checkpoint.manifest.config_fingerprint

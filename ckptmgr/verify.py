@@ -112,6 +112,16 @@ def list_tree(root: str) -> tuple[dict[str, int], list[str]]:
     return files, odd
 
 
+def path_size(path: str) -> int:
+    """Bytes on disk of a file, or of every regular file under a directory (links not followed); 0 if gone."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            return sum(list_tree(path)[0].values())
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
 def verify_checkpoint(
     path: str,
     *,

@@ -32,7 +32,7 @@ from . import catalog
 from .errors import PathNotFoundError, from_os_error
 from .journal import read_events
 from .naming import QUARANTINE_DIR, SEAL_ASIDE_PREFIX, STATE_DIR, is_staging, is_trash, looks_like_checkpoint
-from .verify import Status, has_manifest, is_deepspeed_layout, list_tree, verify_checkpoint
+from .verify import Status, has_manifest, is_deepspeed_layout, path_size, verify_checkpoint
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _checkpoint_report(run_dir: str, c: catalog.Candidate, quick: bool, on_bytes
         dangling = not os.path.lexists(os.path.join(run_dir, c.alias_of))
         return CheckpointReport(c.name, "dangling-alias" if dangling else "alias", None, None, 0, None,
                                 [f"points to missing {c.alias_of}"] if dangling else [], alias_of=c.alias_of)
-    size = _size(c.path)
+    size = path_size(c.path)
     if c.manifest is None and not c.legacy:
         status = Status.INCOMPLETE if (c.problem or "").startswith("no manifest") else Status.CORRUPT
         return CheckpointReport(c.name, status.value, c.step, c.epoch, size, None, [c.problem or ""])
@@ -150,15 +150,6 @@ def _leftovers(run_dir: str) -> list[dict[str, str]]:
     if os.path.isdir(quarantine):
         found += [{"path": os.path.join(quarantine, n), "kind": "quarantined"} for n in sorted(os.listdir(quarantine))]
     return sorted(found, key=lambda item: item["path"])
-
-
-def _size(path: str) -> int:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            return sum(list_tree(path)[0].values())
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
 
 
 def walk(root: str, *, quick: bool = False, on_bytes: Callable[[int], None] | None = None) -> list[RunReport]:

@@ -13,7 +13,7 @@ from typing import Any
 from .. import catalog
 from ..errors import NotACheckpointError, PathNotFoundError
 from ..manifest import MANIFEST_NAME
-from ..verify import Status, VerifyResult, has_manifest, is_deepspeed_layout, list_tree, verify_checkpoint
+from ..verify import Status, VerifyResult, has_manifest, is_deepspeed_layout, path_size, verify_checkpoint
 from .output import Output, human_age, human_bytes
 
 EXIT_OK, EXIT_INVALID = 0, 1
@@ -58,7 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     paths = _verify_targets(args.path)
     results: list[VerifyResult] = []
-    total = sum(_size(p) for p in paths) if not args.quick else 0
+    total = sum(path_size(os.path.realpath(p)) for p in paths) if not args.quick else 0
     with out.progress("verifying", total) as advance:
         for path in paths:
             results.append(verify_checkpoint(path, quick=args.quick, workers=args.workers, on_bytes=advance))
@@ -82,15 +82,6 @@ def _verify_targets(path: str) -> list[str]:
     if not names:
         raise NotACheckpointError(path, "no checkpoints here (not a checkpoint, not a run directory)")
     return names
-
-
-def _size(path: str) -> int:
-    try:
-        if os.path.isdir(path):
-            return sum(list_tree(path)[0].values())
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _result_dict(r: VerifyResult) -> dict[str, Any]:
@@ -131,7 +122,7 @@ def list_rows(run_dir: str, *, quick: bool) -> tuple[list[dict[str, Any]], str |
         row: dict[str, Any] = {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch,
                                "sequence": c.manifest.sequence if c.manifest else None,
                                "bytes": c.manifest.total_bytes if c.manifest else (
-                                   None if c.alias_of else _size(c.path)),
+                                   None if c.alias_of else path_size(c.path)),
                                "created_unix": c.manifest.created_unix if c.manifest else None,
                                "alias_of": c.alias_of, "problems": [], "resume": False}
         if c.alias_of is not None:

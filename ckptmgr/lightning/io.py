@@ -30,12 +30,7 @@ class _ManagedCheckpointIOMixin:
         snapshot = saver.buffers.snapshot(checkpoint)  # the only part that blocks training
 
         def persist() -> Any:
-            import torch
-
-            from ..manager import _torch_crc32
-
-            with handle.open_file(os.path.basename(str(path))) as f, _torch_crc32(manager.torch_crc32):
-                torch.save(snapshot, f)
+            handle.save_torch(snapshot, os.path.basename(str(path)), torch_crc32=manager.torch_crc32)
             return manager.commit(handle, replace=True)
 
         saver.submit_save(persist)
