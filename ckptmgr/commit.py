@@ -25,12 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import __version__
+from . import __version__, payload
 from .errors import CkptMgrError, CommitError, from_os_error
-from .hashing import HashingWriter, hash_file
+from .hashing import HashingWriter, default_workers, hash_files
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import Storage
-from .verify import default_workers, list_tree
+from .verify import list_tree
 
 
 @dataclass(kw_only=True)
@@ -51,7 +51,8 @@ class ManifestFields:
 class StagedCheckpoint:
     """A checkpoint being written into its staging directory."""
 
-    def __init__(self, storage: Storage, run_dir: str, staging: str, fields: ManifestFields):
+    def __init__(self, storage: Storage, run_dir: str, staging: str, fields: ManifestFields, *,
+                 workers: int | None = None):
         self.storage = storage
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, staging)
@@ -59,6 +60,7 @@ class StagedCheckpoint:
         self.started = time.time()
         self._hashed: dict[str, FileEntry] = {}
         self.write_seconds = 0.0
+        self.workers = workers  # threads for writing and hashing (default: cores, at most 8)
 
     def create(self) -> None:
         try:
@@ -69,29 +71,44 @@ class StagedCheckpoint:
     @contextmanager
     def open_file(self, relpath: str) -> Iterator[BinaryIO]:
         """Write one payload file, hashed as it is written and fsynced on close."""
+        started = time.perf_counter()
+        with self._new_file(relpath) as raw:
+            writer = HashingWriter(raw)
+            yield writer  # type: ignore[misc]
+        self._record(relpath, writer.size, writer.hexdigest(), started)
+
+    def save_torch(self, relpath: str, obj: Any) -> None:
+        """``torch.save`` into a payload file, written and hashed by several threads (see payload.py)."""
+        started = time.perf_counter()
+        with self._new_file(relpath) as raw:
+            size, digest = payload.save(self.storage, raw, obj, workers=self.workers)
+        self._record(relpath, size, digest, started)
+
+    @contextmanager
+    def _new_file(self, relpath: str) -> Iterator[BinaryIO]:
         full = os.path.join(self.path, relpath)
         parent = os.path.dirname(full)
-        t0 = time.perf_counter()
         try:
             if parent != self.path:
                 self.storage.makedirs(parent)
             with self.storage.open_write(full) as raw:
-                writer = HashingWriter(raw)
-                yield writer  # type: ignore[misc]
+                yield raw
                 self.storage.fsync(raw)
         except OSError as exc:
             raise from_os_error(full, "writing a payload file", exc) from exc
-        self._hashed[relpath] = FileEntry(path=relpath, size=writer.size, xxh3_128=writer.hexdigest())
-        self.write_seconds += time.perf_counter() - t0
+
+    def _record(self, relpath: str, size: int, digest: str, started: float) -> None:
+        self._hashed[relpath] = FileEntry(path=relpath, size=size, xxh3_128=digest)
+        self.write_seconds += time.perf_counter() - started
 
     def add_hashed(self, entries) -> None:
         for entry in entries:
             self._hashed[entry.path] = entry
 
-    def finalize(self, *, name: str, sequence: int, workers: int | None = None) -> tuple[str, Manifest]:
+    def finalize(self, *, name: str, sequence: int) -> tuple[str, Manifest]:
         """Write the manifest and publish the checkpoint under ``name``."""
         t0 = time.perf_counter()
-        entries = self._hash_remaining(workers)
+        entries = self._hash_remaining(self.workers)
         hash_seconds = time.perf_counter() - t0
         manifest = self._build_manifest(name, sequence, entries, hash_seconds)
         target = os.path.join(self.run_dir, name)
@@ -119,10 +136,8 @@ class StagedCheckpoint:
         missing = sorted(set(self._hashed) - set(present))
         if missing:
             raise CommitError(self.path, f"files written through ckptmgr vanished: {missing}")
-        foreign = sorted((p for p in present if p not in self._hashed), key=lambda p: -present[p])
-
-        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            hashed = list(pool.map(lambda relpath: sync_and_hash(self.storage, self.path, relpath), foreign))
+        foreign = [p for p in present if p not in self._hashed]
+        hashed = sync_and_hash(self.storage, self.path, foreign, workers=workers)
         return sorted([*self._hashed.values(), *hashed], key=lambda e: e.path)
 
     def _sync_dirs(self) -> None:
@@ -161,15 +176,26 @@ class StagedCheckpoint:
         )
 
 
-def sync_and_hash(storage: Storage, root: str, relpath: str) -> FileEntry:
-    """fsync and hash a file someone else wrote into a staging directory (from page cache)."""
-    full = os.path.join(root, relpath)
-    try:
-        storage.sync_file(full)
-        size, digest = hash_file(full)
-    except OSError as exc:
-        raise from_os_error(full, "hashing a staged file", exc) from exc
-    return FileEntry(path=relpath, size=size, xxh3_128=digest)
+def sync_and_hash(storage: Storage, root: str, relpaths: list[str], *, workers: int | None = None) -> list[FileEntry]:
+    """fsync and hash files someone else wrote into a staging directory (from page cache, in parallel)."""
+    full = [os.path.join(root, relpath) for relpath in relpaths]
+
+    def sync(path: str) -> int:
+        try:
+            storage.sync_file(path)
+            return os.stat(path, follow_symlinks=False).st_size
+        except OSError as exc:
+            raise from_os_error(path, "syncing a staged file", exc) from exc
+
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        sizes = list(pool.map(sync, full))
+    digests = hash_files(list(zip(full, sizes, strict=True)), workers=workers)
+    entries = []
+    for relpath, path, size, digest in zip(relpaths, full, sizes, digests, strict=True):
+        if isinstance(digest, OSError):
+            raise from_os_error(path, "hashing a staged file", digest) from digest
+        entries.append(FileEntry(path=relpath, size=size, xxh3_128=digest))
+    return entries
 
 
 def _versions() -> dict[str, str]:

@@ -40,7 +40,7 @@ def hash_own_files(staging: str, rank: int, world_size: int, storage: Storage | 
     files, _ = list_tree(staging)
     mine = sorted(p for p in files if owner_rank(p) % max(world_size, 1) == rank)
     # The writer's own fsync: on network filesystems only the writer's counts.
-    return [sync_and_hash(storage or LocalStorage(), staging, relpath) for relpath in mine]
+    return sync_and_hash(storage or LocalStorage(), staging, list(mine))
 
 
 def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False) -> dict[str, list[str]]:

@@ -74,11 +74,12 @@ class Staging:
         return self._staged.open_file(relpath)
 
     def save_torch(self, obj: Any, relpath: str, *, torch_crc32: bool = False) -> None:
-        """``torch.save`` into a payload file, hashed in one pass (see ``CheckpointManager.torch_crc32``)."""
-        import torch
+        """``torch.save`` into a payload file, written and hashed in one parallel pass (see payload.py).
 
-        with self.open_file(relpath) as f, _torch_crc32(torch_crc32):
-            torch.save(obj, f)
+        ``torch_crc32``: see ``CheckpointManager.torch_crc32``.
+        """
+        with _torch_crc32(torch_crc32):
+            self._staged.save_torch(relpath, obj)
 
     def add_hashed(self, entries: Iterable[FileEntry]) -> None:
         """Entries hashed by the processes that wrote them (other ranks); fsynced by them."""
@@ -212,7 +213,8 @@ class CheckpointManager:
             world_size=world_size, layout=dict(layout or {}), config_fingerprint=self.config_fingerprint,
             metadata=dict(metadata or {}),
         )
-        staged = StagedCheckpoint(self.storage, self.run_dir, staging_name(target, staging_token), fields)
+        staged = StagedCheckpoint(self.storage, self.run_dir, staging_name(target, staging_token), fields,
+                                  workers=self.workers)
         staged.create()
         handle = Staging(staged)
         handle.target = target
@@ -237,7 +239,7 @@ class CheckpointManager:
         sequence = self._next_sequence()
         name = self._free_name(target)
         try:
-            path, manifest = staged.finalize(name=name, sequence=sequence, workers=self.workers)
+            path, manifest = staged.finalize(name=name, sequence=sequence)
         except BaseException:
             abandon(self.storage, staged.path)
             raise

@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ManifestError
-from .hashing import ALGORITHM, digest_bytes
+from .hashing import CHUNKED, PLAIN, digest_bytes
 
 MANIFEST_NAME = "ckptmgr-manifest.json"
 FORMAT_NAME = "ckptmgr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers produce
+# Each version's file digest (see hashing.py); readers accept every version listed here.
+HASH_ALGORITHMS = {1: PLAIN, 2: CHUNKED}
 # A manifest larger than this is hostile or broken; it is refused unread.
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 MAX_FILES = 200_000
@@ -43,7 +45,7 @@ class FileEntry:
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
-    """One checkpoint's manifest (see docs/FORMAT.md, version 1)."""
+    """One checkpoint's manifest (see docs/FORMAT.md; versions 1 and 2 differ only in ``hash_algorithm``)."""
 
     name: str
     step: int
@@ -61,6 +63,7 @@ class Manifest:
     timing: dict[str, float] = field(default_factory=dict)
     writer: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    hash_algorithm: str = CHUNKED
 
     @property
     def total_bytes(self) -> int:
@@ -77,8 +80,7 @@ def _body_dict(manifest: Manifest) -> dict[str, Any]:
     body = asdict(manifest)
     body["files"] = [asdict(f) for f in manifest.files]
     body["format"] = FORMAT_NAME
-    body["format_version"] = FORMAT_VERSION
-    body["hash_algorithm"] = ALGORITHM
+    body["format_version"] = next(v for v, a in HASH_ALGORITHMS.items() if a == manifest.hash_algorithm)
     return body
 
 
@@ -124,14 +126,13 @@ def parse_manifest(data: bytes, *, where: str) -> Manifest:
     _check_fields(body, where)
     if body["format"] != FORMAT_NAME:
         raise ManifestError(where, f"manifest format is {body['format']!r}, not {FORMAT_NAME!r}")
-    if body["format_version"] != FORMAT_VERSION:
-        raise ManifestError(
-            where,
-            f"manifest format version {body['format_version']} is not supported (this ckptmgr reads {FORMAT_VERSION})",
-            hint="upgrade ckptmgr",
-        )
-    if body["hash_algorithm"] != ALGORITHM:
-        raise ManifestError(where, f"unknown hash algorithm {body['hash_algorithm']!r}")
+    version = body["format_version"]
+    if version not in HASH_ALGORITHMS:
+        readable = ", ".join(map(str, HASH_ALGORITHMS))
+        raise ManifestError(where, f"manifest format version {version} is not supported (this ckptmgr reads "
+                                   f"{readable})", hint="upgrade ckptmgr")
+    if body["hash_algorithm"] != HASH_ALGORITHMS[version]:
+        raise ManifestError(where, f"unknown hash algorithm {body['hash_algorithm']!r} for format version {version}")
     claimed = body.pop(_SELF_HASH_FIELD)
     if digest_bytes(_canonical(body)) != claimed:
         raise ManifestError(where, "manifest self-hash mismatch (torn or edited manifest)")
@@ -159,6 +160,7 @@ def parse_manifest(data: bytes, *, where: str) -> Manifest:
         timing=body["timing"],
         writer=body["writer"],
         versions=body["versions"],
+        hash_algorithm=body["hash_algorithm"],
     )
 
 

@@ -65,7 +65,8 @@ def _seal_directory(manager: CheckpointManager, path: str, step: int, epoch: int
     is_deepspeed = os.path.exists(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "checkpoint"))
     fields = ManifestFields(step=step, epoch=epoch, kind="deepspeed" if is_deepspeed else "files", load_path=".",
                             metadata={"sealed_from": "legacy-directory"})
-    staged = StagedCheckpoint(manager.storage, os.path.dirname(path), os.path.basename(path), fields)
+    staged = StagedCheckpoint(manager.storage, os.path.dirname(path), os.path.basename(path), fields,
+                              workers=manager.workers)
     sequence = manager._next_sequence()
     entries = staged._hash_remaining(manager.workers)
     manifest = staged._build_manifest(os.path.basename(path), sequence, entries, 0.0)
@@ -89,7 +90,7 @@ def _seal_file(manager: CheckpointManager, path: str, step: int, epoch: int | No
     run_dir, name = os.path.split(path)
     fields = ManifestFields(step=step, epoch=epoch, kind="torch", load_path=PAYLOAD_NAME,
                             metadata={"sealed_from": "legacy-file"})
-    staged = StagedCheckpoint(manager.storage, run_dir, staging_name(name), fields)
+    staged = StagedCheckpoint(manager.storage, run_dir, staging_name(name), fields, workers=manager.workers)
     staged.create()
     payload = os.path.join(staged.path, PAYLOAD_NAME)
     aside = os.path.join(run_dir, f"{SEAL_ASIDE_PREFIX}{name}.{secrets.token_hex(4)}")
@@ -104,7 +105,7 @@ def _seal_file(manager: CheckpointManager, path: str, step: int, epoch: int | No
         abandon(manager.storage, staged.path)
         raise from_os_error(path, "staging the file to seal", exc) from exc
     sequence = manager._next_sequence()
-    target, manifest = staged.finalize(name=name, sequence=sequence, workers=manager.workers)
+    target, manifest = staged.finalize(name=name, sequence=sequence)
     manager._sequence = sequence
     manager._make_durable(target)
     manager.storage.unlink(aside)

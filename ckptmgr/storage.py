@@ -20,12 +20,15 @@ import os
 import shutil
 from typing import BinaryIO, Protocol, runtime_checkable
 
+_IOV_MAX = 1024  # pieces per pwritev call (Linux's IOV_MAX)
+
 
 @runtime_checkable
 class Storage(Protocol):
     def makedirs(self, path: str) -> None: ...
     def mkdir(self, path: str) -> None: ...
     def open_write(self, path: str) -> BinaryIO: ...
+    def write_at(self, f: BinaryIO, pieces: list[memoryview], offset: int) -> None: ...
     def fsync(self, f: BinaryIO) -> None: ...
     def sync_file(self, path: str) -> None: ...
     def sync_dir(self, path: str) -> None: ...
@@ -64,6 +67,22 @@ class LocalStorage:
         # O_EXCL: a writer never writes into a file it did not create.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
         return os.fdopen(fd, "wb", buffering=1024 * 1024)
+
+    def write_at(self, f: BinaryIO, pieces: list[memoryview], offset: int) -> None:
+        """Write ``pieces`` back to back at ``offset`` (positional: threads write one file at once)."""
+        fd = f.fileno()
+        pieces = [p for p in pieces if len(p)]
+        while pieces:
+            batch = pieces[:_IOV_MAX]
+            written = os.pwritev(fd, batch, offset)
+            if written <= 0:
+                raise OSError(errno.EIO, "pwritev wrote nothing", getattr(f, "name", "?"))
+            offset += written
+            while written and pieces:  # drop what was written, keep the rest of a piece cut short
+                if written >= len(pieces[0]):
+                    written -= len(pieces.pop(0))
+                else:
+                    pieces[0], written = pieces[0][written:], 0
 
     def fsync(self, f: BinaryIO) -> None:
         # An fsync error means the data may be lost; it is raised, never retried

@@ -20,6 +20,7 @@ import errno
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -54,16 +55,18 @@ class FaultyStorage(LocalStorage):
         self.ops: list[tuple[str, str]] = []
         self._counted = 0
         self._pending = _Pending()
+        self._lock = threading.Lock()
 
     # -- failpoints -------------------------------------------------------
     def _failpoint(self, op: str, path: str) -> None:
-        self.ops.append((op, path))
-        fault = self.fault
-        if fault is None or (fault.op is not None and fault.op != op):
-            return
-        self._counted += 1
-        if self._counted != fault.at:
-            return
+        with self._lock:  # parallel chunk writes reach failpoints from several threads
+            self.ops.append((op, path))
+            fault = self.fault
+            if fault is None or (fault.op is not None and fault.op != op):
+                return
+            self._counted += 1
+            if self._counted != fault.at:
+                return
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(10)  # never reached
@@ -86,6 +89,11 @@ class FaultyStorage(LocalStorage):
         f = super().open_write(path)
         self._pending.unsynced_files.add(path)
         return _FaultyFile(f, self, path)  # type: ignore[return-value]
+
+    def write_at(self, f: BinaryIO, pieces: list[memoryview], offset: int) -> None:
+        path = str(getattr(f, "path", "?"))
+        self._failpoint("write", path)
+        super().write_at(getattr(f, "raw_file", f), pieces, offset)
 
     def fsync(self, f: BinaryIO) -> None:
         path = getattr(f, "path", getattr(f, "name", "?"))

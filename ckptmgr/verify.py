@@ -17,15 +17,12 @@ from __future__ import annotations
 import enum
 import os
 import stat
-import threading
-import zipfile
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
-from .hashing import hash_file
-from .manifest import MANIFEST_NAME, Manifest, parse_manifest
+from .hashing import FileChanged, hash_files
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
 from .naming import is_internal, looks_like_checkpoint
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -61,10 +58,6 @@ class VerifyResult:
     @property
     def reason(self) -> str:
         return "; ".join(self.problems) if self.problems else self.status.value
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def read_manifest(checkpoint_dir: str) -> Manifest:
@@ -167,7 +160,7 @@ def _verify_managed(
         else:
             to_hash.append(entry)
     if not quick and not result.problems:
-        result.problems += _hash_mismatches(path, to_hash, workers, on_bytes, result)
+        result.problems += _hash_mismatches(path, manifest, to_hash, workers, on_bytes, result)
     if result.problems:
         result.status = Status.CORRUPT
     return result
@@ -182,26 +175,21 @@ def missing_shards(layout: dict, files: set[str]) -> list[str]:
     return sorted(f for f in named if f not in files)
 
 
-def _hash_mismatches(path, entries, workers, on_bytes, result: VerifyResult) -> list[str]:
-    lock = threading.Lock()
-
-    def check(entry) -> str | None:
-        try:
-            size, digest = hash_file(os.path.join(path, entry.path), on_bytes=on_bytes)
-        except OSError as exc:
-            return f"{entry.path}: unreadable ({exc.strerror})"
-        with lock:
-            result.bytes_hashed += size
-        if size != entry.size:
-            return f"{entry.path}: size changed while reading"
-        if digest != entry.xxh3_128:
-            return f"{entry.path}: xxh3_128 mismatch (content differs from the manifest)"
-        return None
-
-    # Largest first, so one huge file does not start last and finish alone.
-    ordered = sorted(entries, key=lambda e: -e.size)
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        return [p for p in pool.map(check, ordered) if p]
+def _hash_mismatches(path: str, manifest: Manifest, entries: list[FileEntry], workers: int | None,
+                     on_bytes: Callable[[int], None] | None, result: VerifyResult) -> list[str]:
+    files = [(os.path.join(path, entry.path), entry.size) for entry in entries]
+    digests = hash_files(files, algorithm=manifest.hash_algorithm, workers=workers, on_bytes=on_bytes)
+    problems = []
+    for entry, digest in zip(entries, digests, strict=True):
+        if isinstance(digest, FileChanged):
+            problems.append(f"{entry.path}: size changed while reading")
+        elif isinstance(digest, OSError):
+            problems.append(f"{entry.path}: unreadable ({digest.strerror})")
+        else:
+            result.bytes_hashed += entry.size
+            if digest != entry.xxh3_128:
+                problems.append(f"{entry.path}: xxh3_128 mismatch (content differs from the manifest)")
+    return problems
 
 
 def verify_legacy(path: str, *, quick: bool = False) -> VerifyResult:
@@ -268,6 +256,8 @@ def check_zip_crc(path: str) -> str | None:
         return f"unreadable ({exc.strerror})"
     if head != ZIP_MAGIC:
         return None if head[:1] == b"\x80" else "not a torch zip file (torn or foreign)"
+    import zipfile  # here, not at the top: the CLI's read-only commands start faster without it
+
     try:
         with zipfile.ZipFile(path) as archive:
             records = [info for info in archive.infolist() if info.file_size > 0]

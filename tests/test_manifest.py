@@ -36,11 +36,14 @@ def test_round_trip():
     assert parse_manifest(m.to_json_bytes(), where="x") == m
 
 
-def test_golden_v1_fixture_still_parses():
-    with open(os.path.join(FIXTURES, "manifest_v1.json"), "rb") as f:
-        m = parse_manifest(f.read(), where="fixture")
+@pytest.mark.parametrize("version, algorithm", [(1, "xxh3_128"), (2, "xxh3_128-chunked-64MiB")])
+def test_golden_fixtures_of_every_version_still_parse(version, algorithm):
+    with open(os.path.join(FIXTURES, f"manifest_v{version}.json"), "rb") as f:
+        data = f.read()
+    m = parse_manifest(data, where="fixture")
     assert (m.step, m.epoch, m.sequence, m.kind) == (1200, 3, 7, "torch")
-    assert m.files[0].path == "checkpoint.pt"
+    assert m.files[0].path == "checkpoint.pt" and m.hash_algorithm == algorithm
+    assert m.to_json_bytes() == data  # re-encoding keeps its version
 
 
 def test_self_hash_detects_an_edit():
@@ -51,7 +54,8 @@ def test_self_hash_detects_an_edit():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda b: b.update(format_version=2), "version 2 is not supported"),
+    (lambda b: b.update(format_version=3), "version 3 is not supported"),
+    (lambda b: b.update(format_version=1), "unknown hash algorithm .* for format version 1"),
     (lambda b: b.update(format="other"), "format is 'other'"),
     (lambda b: b.update(surprise=1), "unknown fields"),
     (lambda b: b.pop("sequence"), "lacks field 'sequence'"),
