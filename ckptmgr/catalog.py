@@ -7,7 +7,6 @@ hint only: a symlink alias is reported but never a candidate of its own.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from .verify import (
     read_manifest,
     verify_checkpoint,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,9 @@ def _resolve_once(run_dir: str, *, quick: bool, on_skip: Callable[[Candidate, st
         if not os.path.lexists(candidate.path):
             vanished = True  # deleted while being read: not corrupt, just gone
             continue
-        log.warning("[ckptmgr] skipping %s: %s", candidate.path, reason)
+        import logging  # here: the CLI's read-only commands start faster without it
+
+        logging.getLogger(__name__).warning("[ckptmgr] skipping %s: %s", candidate.path, reason)
         if on_skip is not None:
             on_skip(candidate, reason)
     return None, vanished

@@ -18,8 +18,8 @@ name                                   meaning
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 from dataclasses import dataclass
 
 STAGING_PREFIX = ".ckptmgr-staging."
@@ -81,11 +81,11 @@ def versioned(name: str, version: int) -> str:
 
 
 def staging_name(target: str, token: str | None = None) -> str:
-    return f"{STAGING_PREFIX}{target}.{token or secrets.token_hex(4)}"
+    return f"{STAGING_PREFIX}{target}.{token or os.urandom(4).hex()}"
 
 
 def trash_name(target: str) -> str:
-    return f"{TRASH_PREFIX}{target}.{secrets.token_hex(4)}"
+    return f"{TRASH_PREFIX}{target}.{os.urandom(4).hex()}"
 
 
 def is_internal(name: str) -> bool:

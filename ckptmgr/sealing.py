@@ -18,7 +18,6 @@ refused. Then:
 from __future__ import annotations
 
 import os
-import secrets
 
 from .catalog import Checkpoint
 from .commit import ManifestFields, StagedCheckpoint, abandon
@@ -70,7 +69,7 @@ def _seal_directory(manager: CheckpointManager, path: str, step: int, epoch: int
     sequence = manager._next_sequence()
     entries = staged._hash_remaining(manager.workers)
     manifest = staged._build_manifest(os.path.basename(path), sequence, entries, 0.0)
-    tmp = os.path.join(path, f".{MANIFEST_NAME}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(path, f".{MANIFEST_NAME}.{os.urandom(4).hex()}.tmp")
     try:
         with manager.storage.open_write(tmp) as f:
             f.write(manifest.to_json_bytes())
@@ -93,7 +92,7 @@ def _seal_file(manager: CheckpointManager, path: str, step: int, epoch: int | No
     staged = StagedCheckpoint(manager.storage, run_dir, staging_name(name), fields, workers=manager.workers)
     staged.create()
     payload = os.path.join(staged.path, PAYLOAD_NAME)
-    aside = os.path.join(run_dir, f"{SEAL_ASIDE_PREFIX}{name}.{secrets.token_hex(4)}")
+    aside = os.path.join(run_dir, f"{SEAL_ASIDE_PREFIX}{name}.{os.urandom(4).hex()}")
     try:
         try:
             manager.storage.link(path, payload)

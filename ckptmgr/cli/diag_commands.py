@@ -1,4 +1,7 @@
-"""``ckptmgr walk | estimate | timeline``: what is on the storage, and how the run is going."""
+"""``ckptmgr walk | estimate | timeline``: what is on the storage, and how the run is going.
+
+Each command imports what it needs when it runs, so the other commands start fast.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,6 @@ from typing import Any
 
 from .. import catalog
 from ..errors import UsageError
-from ..history import estimate
-from ..journal import read_events
-from ..walk import find_runs, inspect_run
 from .output import Output, human_age, human_bytes
 
 
@@ -43,6 +43,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def cmd_walk(args: argparse.Namespace, out: Output) -> int:
+    from ..walk import find_runs, inspect_run
+
     runs = find_runs(args.root)
     with out.progress("walking", 0 if args.quick else _estimated_bytes(runs)) as advance:
         reports = [inspect_run(run, quick=args.quick, on_bytes=advance) for run in runs]
@@ -85,6 +87,8 @@ def _render_walk(out: Output, data: dict[str, Any]) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
+    from ..history import estimate
+    from ..journal import read_events
     from ..lightning.stopping import parse_duration
 
     if args.total_steps is None and args.epochs is not None and args.steps_per_epoch is not None:

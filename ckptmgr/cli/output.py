@@ -32,6 +32,13 @@ class Output:
             self._err_console = Console(stderr=True, highlight=False, soft_wrap=True)
         return self._err_console
 
+    def line(self, text: str, *, style: str | None = None) -> None:
+        """One line for people: styled by rich on a terminal, plain otherwise (rich is not even imported)."""
+        if sys.stdout.isatty():
+            self.console.print(text, style=style, markup=False)
+        else:
+            sys.stdout.write(text + "\n")
+
     def result(self, data: Any, render: Callable[[Any], None]) -> None:
         """Emit the command's result: JSON for machines, ``render`` for people."""
         if self.as_json:

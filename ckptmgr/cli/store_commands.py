@@ -104,14 +104,13 @@ def _result_dict(r: VerifyResult) -> dict[str, Any]:
 
 def _render_verify(out: Output, results: list[VerifyResult]) -> None:
     for r in results:
-        colour = "green" if r.status.ok else "red"
-        out.console.print(f"[{colour}]{r.status.value:>16}[/]  {r.path}", markup=True)
+        out.line(f"{r.status.value:>16}  {r.path}", style="green" if r.status.ok else "red")
         for problem in r.problems:
-            out.console.print(f"{'':>18}{problem}", markup=False)
+            out.line(f"{'':>18}{problem}")
         for extra in r.extra_files:
-            out.console.print(f"{'':>18}note: {extra}: not listed in the manifest", markup=False)
+            out.line(f"{'':>18}note: {extra}: not listed in the manifest")
     bad = sum(not r.status.ok for r in results)
-    out.console.print(f"{len(results)} checked, {bad} invalid")
+    out.line(f"{len(results)} checked, {bad} invalid")
 
 
 # -- list -----------------------------------------------------------------
