@@ -378,7 +378,7 @@ def main() -> None:
                  "verify": lambda: bench_verify(work, sizes["verify"], reps),
                  "quick": lambda: bench_quick_verify(work, sizes["quick"], reps),
                  "resume": lambda: bench_resume(work, sizes["resume"], reps),
-                 "export": lambda: bench_export(work, sizes["width"], max(3, reps // 2) if not args.smoke else 1),
+                 "export": lambda: bench_export(work, sizes["width"], reps if not args.smoke else 1),
                  "walk": lambda: bench_walk(work, sizes["walk"], reps)}
         for name, step in steps.items():
             if name in args.skip:

@@ -4,15 +4,19 @@ This follows DeepSpeed's own reconstruction (``deepspeed/utils/zero_to_fp32.py``
 step for step, so the tensors are bitwise equal to
 ``get_fp32_state_dict_from_zero_checkpoint``; what differs is memory. The
 optimizer shards are memory-mapped, and each parameter is assembled only when
-it is asked for, from the slices of the flat fp32 partitions that hold it:
-peak memory is about one parameter plus what the OS keeps of the mapped files,
-not the whole model (nor, for ZeRO-2, twice the model).
+it is asked for, from the slices of the flat fp32 partitions that hold it.
+Mapped pages once read would stay in the process's resident set; the pages of
+the partitions already consumed are handed back (:class:`_PageReleaser`), so
+peak memory is about one parameter, not the whole model (nor, for ZeRO-2,
+twice the model).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -121,6 +125,7 @@ class ZeroReader:
             _safe_load(os.path.join(zero_dir, n), unsafe=unsafe)["optimizer_state_dict"][key] for n in optim[1:]]
         self.paddings = first.get("param_alignment_paddings")
         self.shared = list(self.model_states[0]["shared_params"].items())
+        self._releaser = _PageReleaser([os.path.join(zero_dir, n) for n in optim])
 
     # -- what will be produced -------------------------------------------
     def specs(self) -> list[TensorSpec]:
@@ -173,10 +178,12 @@ class ZeroReader:
                 bounds.append(bounds[-1] + part.numel())
             offset = 0
             paddings = self.paddings[group] if self.paddings is not None else None
+            consumed = _Consumed(self._releaser, parts, bounds)
             for index, (name, shape) in enumerate(shapes.items()):
                 numel = math.prod(shape)
                 yield name, _slice_of_concatenation(parts, bounds, offset, numel).view(shape)
                 offset += numel + (paddings[index] if paddings is not None else 0)
+                consumed.until(offset)
             align = 2 * self.world_size
             if align * math.ceil(offset / align) != align * math.ceil(bounds[-1] / align):
                 raise InvalidCheckpointError(self.zero_dir, f"consumed {offset} of {bounds[-1]} elements")
@@ -188,6 +195,7 @@ class ZeroReader:
         for tensor in self.flat[0]:
             group_bounds.append(group_bounds[-1] + tensor.numel())
         offset = 0
+        consumed = [_Consumed(self._releaser, rank_groups, group_bounds) for rank_groups in self.flat]
         for name, shape in shapes.items():
             numel = math.prod(shape)
             per_rank = math.ceil(numel / self.world_size)
@@ -195,6 +203,8 @@ class ZeroReader:
                       for rank_groups in self.flat]
             yield name, torch.cat(pieces, 0)[:numel].view(shape)
             offset += per_rank
+            for rank in consumed:
+                rank.until(offset)
         if offset != group_bounds[-1]:
             raise InvalidCheckpointError(self.zero_dir, f"consumed {offset} of {group_bounds[-1]} elements per rank")
 
@@ -210,3 +220,66 @@ def _slice_of_concatenation(parts: list[torch.Tensor], bounds: list[int], start:
     if not pieces:
         return parts[0][:0]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+
+
+class _PageReleaser:
+    """Hands the pages of memory-mapped shard data back to the OS once consumed.
+
+    ``madvise(MADV_DONTNEED)`` drops pages from this process's resident set; on a
+    file mapping that was never written, a later access simply reads the file
+    again, so nothing is lost. On anonymous memory it would zero the data, so a
+    range is released only if it lies inside a mapping of one of the shard files
+    (checked against /proc/self/maps). Elsewhere (no /proc, not Linux) it does
+    nothing and export still works, with a larger resident set.
+    """
+
+    def __init__(self, paths: list[str]):
+        self._ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        wanted = {os.path.realpath(p) for p in paths}
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].rstrip("\n") in wanted:
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        self._ranges.append((start, end))
+        except OSError:
+            return
+        self._ranges.sort()
+        self._starts = [start for start, _ in self._ranges]
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._madvise = libc.madvise
+
+    def release(self, start: int, end: int) -> None:
+        """Release the whole pages within [start, end) (addresses), if they belong to a shard mapping."""
+        start = start - start % mmap.PAGESIZE
+        end = end - end % mmap.PAGESIZE
+        if self._madvise is None or end <= start:
+            return
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or end > self._ranges[i][1]:
+            return  # not (wholly) a shard file's mapping: leave it alone
+        self._madvise(start, end - start, mmap.MADV_DONTNEED)
+
+
+class _Consumed:
+    """How far a reader has consumed a list of flat partitions (their concatenation), releasing pages behind it."""
+
+    def __init__(self, releaser: _PageReleaser, parts: list[torch.Tensor], bounds: list[int]):
+        self._releaser, self._parts, self._bounds = releaser, parts, bounds
+        self._done = 0  # elements of the concatenation already released
+
+    def until(self, upto: int) -> None:
+        for part, lo, hi in zip(self._parts, self._bounds, self._bounds[1:], strict=False):
+            if hi <= self._done or lo >= upto:
+                continue
+            first, last = max(self._done, lo) - lo, min(upto, hi) - lo
+            size = part.element_size()
+            self._releaser.release(part.data_ptr() + first * size, part.data_ptr() + last * size)
+        self._done = max(self._done, upto)
