@@ -34,7 +34,7 @@ from measure import measure_isolated  # noqa: E402
 from ckptmgr import CheckpointManager  # noqa: E402
 from ckptmgr.verify import verify_checkpoint  # noqa: E402
 
-ENV = dict(os.environ, PYTHONPATH=REPO)
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
 
 
 def interleave(methods: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
