@@ -5,9 +5,10 @@ almost all of its bytes are the tensors' own memory. Here ``torch.save``
 writes into a :class:`_Layout` instead of a file: small pieces (zip headers,
 the pickle) are copied, the tensors' bytes are only referenced. The file's
 64 MiB chunks (the unit of the format's digest, see hashing.py) are then
-written with positional writes and hashed from the same memory by a thread
-pool: one pass over the bytes, no re-read, every core sharing the work. The
-file is byte for byte what ``torch.save`` would have written.
+written in order, in large positional writes, while a thread pool hashes
+them from the same memory: the file is never read back, and hashing costs
+no time beside the write. The file is byte for byte what ``torch.save``
+would have written.
 
 Only memory that stays valid until the last chunk is written may be
 referenced: the storages of the CPU tensors found in the saved object
@@ -111,15 +112,26 @@ class _Layout:
         return lo, pieces
 
     def persist(self, storage: Storage, f: BinaryIO, *, workers: int) -> str:
-        """Write and hash every chunk, several at once; return the file's digest."""
+        """Write every chunk in order while a thread pool hashes them from the same memory; return the digest.
 
-        def one_chunk(index: int) -> bytes:
-            offset, pieces = self.chunk(index)
-            hasher = xxhash.xxh3_128()
-            for piece in pieces:
-                hasher.update(piece)
-            storage.write_at(f, pieces, offset)
-            return hasher.digest()
+        The writes stay sequential and large, as a plain write of the same bytes would be (a file's
+        page-cache writes serialise on its inode anyway); hashing runs beside them, so it costs no
+        time of its own. The file is never read back.
+        """
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptmgr-hash") as pool:
+            digests = [pool.submit(self._hash_chunk, index) for index in range(chunk_count(self.size))]
+            try:
+                for index in range(len(digests)):
+                    offset, pieces = self.chunk(index)
+                    storage.write_at(f, pieces, offset)
+            except BaseException:
+                for pending in digests:
+                    pending.cancel()
+                raise
+            return combine([d.result() for d in digests])
 
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptmgr-write") as pool:
-            return combine(list(pool.map(one_chunk, range(chunk_count(self.size)))))
+    def _hash_chunk(self, index: int) -> bytes:
+        hasher = xxhash.xxh3_128()
+        for piece in self.chunk(index)[1]:
+            hasher.update(piece)
+        return hasher.digest()
