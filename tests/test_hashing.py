@@ -180,3 +180,11 @@ def test_format_1_checkpoints_still_verify_with_their_whole_file_digest(tmp_path
     with open(manifest_path, "wb") as f:
         f.write(dataclasses.replace(v1, hash_algorithm=manifest.hash_algorithm).to_json_bytes())
     assert verify_checkpoint(checkpoint.path).status is Status.CORRUPT
+
+
+def test_thread_fan_out_keeps_order_and_raises_the_first_error():
+    from ckptmgr.hashing import _map_in_threads
+
+    assert _map_in_threads(lambda x: x * x, list(range(100)), 4) == [x * x for x in range(100)]
+    with pytest.raises(ZeroDivisionError):
+        _map_in_threads(lambda x: 1 / x, [1, 2, 0, 3], 3)
