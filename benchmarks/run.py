@@ -288,6 +288,9 @@ def render(results: dict, machine: str) -> str:
                          f"{r['cold']['cat']:.3f} s | {r['cold_ratio_throughput']:.2f}x |")
     if not any("cold" in r for r in results["verify"]):
         lines.append("| | cold | not measured: /proc/sys/vm/drop_caches is not writable here | | |")
+    lines += ["", "With two cores, hashing a gigabyte takes about as long as starting Python and importing ckptmgr "
+              "(CLI start below), so the 1 GB warm case stays under the target here; the same benchmark on a "
+              "16-core host is under GPU below (`benchmarks/gpu/verify_host.py`)."]
     q = results["quick"]
     lines += ["", f"Quick mode (manifest + sizes): {q['files']} files in {1000 * q['quick_seconds']:.1f} ms = "
               f"**{1000 * q['quick_seconds'] / q['files'] * 1000:.2f} ms per 1,000 files** (target <= 10 ms). "
