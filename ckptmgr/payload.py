@@ -1,4 +1,4 @@
-"""``torch.save`` payloads written and hashed by many threads at once.
+"""``torch.save`` payloads written once, in order, and hashed beside the write by a thread pool.
 
 ``torch.save`` produces its zip file sequentially, record after record, and
 almost all of its bytes are the tensors' own memory. Here ``torch.save``
@@ -50,8 +50,13 @@ def _cpu_storage_ranges(obj: Any) -> list[tuple[int, int]] | None:
 
     ranges: list[tuple[int, int]] = []
     stack = [obj]
+    seen: set[int] = set()  # containers already walked: a state may refer to one twice, or to itself
     while stack:
         item = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
         if isinstance(item, torch.Tensor):
             if item.device.type != "cpu":
                 return None

@@ -116,6 +116,15 @@ def test_tensors_the_writer_cannot_see_are_copied_and_written_intact(tmp_path):
     assert verify_checkpoint(checkpoint.path).status is Status.VALID
 
 
+def test_a_state_that_contains_itself_is_saved(tmp_path):
+    state: dict = {"w": torch.arange(10)}
+    state["again"] = state
+    with CheckpointManager(str(tmp_path / "run")) as manager:
+        manager.save(state, step=1)
+        loaded = manager.load(weights_only=False)
+    assert loaded["again"] is loaded and torch.equal(loaded["w"], state["w"])
+
+
 def test_a_flip_in_any_chunk_is_caught(tmp_path):
     run_dir = str(tmp_path / "run")
     with CheckpointManager(run_dir, keep_last=None) as manager:
