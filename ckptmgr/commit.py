@@ -78,7 +78,7 @@ class StagedCheckpoint:
         self._record(relpath, writer.size, writer.hexdigest(), started)
 
     def save_torch(self, relpath: str, obj: Any) -> None:
-        """``torch.save`` into a payload file, written and hashed by several threads (see payload.py)."""
+        """``torch.save`` into a payload file, hashed by a thread pool beside the write (see payload.py)."""
         started = time.perf_counter()
         with self._new_file(relpath) as raw:
             size, digest = payload.save(self.storage, raw, obj, workers=self.workers)

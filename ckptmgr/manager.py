@@ -74,7 +74,7 @@ class Staging:
         return self._staged.open_file(relpath)
 
     def save_torch(self, obj: Any, relpath: str, *, torch_crc32: bool = False) -> None:
-        """``torch.save`` into a payload file, written and hashed in one parallel pass (see payload.py).
+        """``torch.save`` into a payload file, hashed beside the write, never read back (see payload.py).
 
         ``torch_crc32``: see ``CheckpointManager.torch_crc32``.
         """

@@ -59,7 +59,7 @@ class FaultyStorage(LocalStorage):
 
     # -- failpoints -------------------------------------------------------
     def _failpoint(self, op: str, path: str) -> None:
-        with self._lock:  # parallel chunk writes reach failpoints from several threads
+        with self._lock:  # failpoints are reached from several threads (staged files are fsynced in parallel)
             self.ops.append((op, path))
             fault = self.fault
             if fault is None or (fault.op is not None and fault.op != op):
