@@ -69,7 +69,7 @@ class LocalStorage:
         return os.fdopen(fd, "wb", buffering=1024 * 1024)
 
     def write_at(self, f: BinaryIO, pieces: list[memoryview], offset: int) -> None:
-        """Write ``pieces`` back to back at ``offset`` (positional: threads write one file at once)."""
+        """Write ``pieces`` back to back at ``offset`` (pwritev: one call for many pieces, no shared file offset)."""
         fd = f.fileno()
         pieces = [p for p in pieces if len(p)]
         while pieces:
