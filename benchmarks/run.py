@@ -280,12 +280,7 @@ def render(results: dict, machine: str) -> str:
     lines += ["", "### 2. Verify: `ckptmgr verify` end to end (process start included) vs `cat FILES > /dev/null` "
               "(target >= 0.8x the read throughput)", "",
               "| data | cache | ckptmgr verify | cat | throughput ratio |", "|---|---|---|---|---|"]
-    for r in results["verify"]:
-        lines.append(f"| {gb(r['size_bytes'])} | warm | {r['warm']['ckptmgr verify']:.3f} s | {r['warm']['cat']:.3f} s"
-                     f" | {r['warm_ratio_throughput']:.2f}x |")
-        if "cold" in r:
-            lines.append(f"| {gb(r['size_bytes'])} | cold | {r['cold']['ckptmgr verify']:.3f} s | "
-                         f"{r['cold']['cat']:.3f} s | {r['cold_ratio_throughput']:.2f}x |")
+    lines += _verify_rows(results["verify"])
     if not any("cold" in r for r in results["verify"]):
         lines.append("| | cold | not measured: /proc/sys/vm/drop_caches is not writable here | | |")
     lines += ["", "With two cores, hashing a gigabyte takes about as long as starting Python and importing ckptmgr "
@@ -390,14 +385,15 @@ def _render_host_verify(file: str) -> list[str]:
         return []
     with open(file) as f:
         d = json.load(f)
-    lines = [f"### Verify on the GPU host ({d['host']}; median of {d['reps']}; `{os.path.basename(file)}`)", "",
-             "| data | cache | ckptmgr verify | cat | throughput ratio |", "|---|---|---|---|---|"]
-    for r in d["verify"]:
-        for cache in ("warm", "cold"):
-            if cache in r:
-                lines.append(f"| {gb(r['size_bytes'])} | {cache} | {r[cache]['ckptmgr verify']:.3f} s | "
-                             f"{r[cache]['cat']:.3f} s | {r[cache + '_ratio_throughput']:.2f}x |")
-    return lines + [""]
+    return [f"### Verify on the GPU host ({d['host']}; median of {d['reps']}; `{os.path.basename(file)}`)", "",
+            "| data | cache | ckptmgr verify | cat | throughput ratio |", "|---|---|---|---|---|",
+            *_verify_rows(d["verify"]), ""]
+
+
+def _verify_rows(rows: list[dict]) -> list[str]:
+    """Table rows of the verify benchmark (bench_verify's output), warm and, where measured, cold."""
+    return [f"| {gb(r['size_bytes'])} | {cache} | {r[cache]['ckptmgr verify']:.3f} s | {r[cache]['cat']:.3f} s | "
+            f"{r[cache + '_ratio_throughput']:.2f}x |" for r in rows for cache in ("warm", "cold") if cache in r]
 
 
 def main() -> None:

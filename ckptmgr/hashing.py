@@ -23,7 +23,6 @@ import xxhash
 
 CHUNKED = "xxh3_128-chunked-64MiB"  # format version 2: what writers produce
 PLAIN = "xxh3_128"  # format version 1: whole-file xxh3_128
-ALGORITHM = CHUNKED
 CHUNK_BYTES = 64 * 1024 * 1024
 READ_BYTES = 1024 * 1024  # one read; a thread reuses one buffer (small: it stays in cache, fresh memory is slow)
 
@@ -151,7 +150,7 @@ def hash_range(path: str, offset: int, length: int, expected_size: int, on_bytes
 def hash_files(
     files: Sequence[tuple[str, int]],
     *,
-    algorithm: str = ALGORITHM,
+    algorithm: str = CHUNKED,
     workers: int | None = None,
     on_bytes: _Progress = None,
 ) -> list[str | OSError]:
@@ -219,22 +218,6 @@ def _map_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int) -> l
     if failures:
         raise failures[0]
     return results
-
-
-def hash_file(
-    path: str | os.PathLike[str], *, algorithm: str = ALGORITHM, workers: int | None = None
-) -> tuple[int, str]:
-    """Return ``(size, hex digest)`` of the file at ``path`` (never a link); raises OSError."""
-    path = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    (outcome,) = hash_files([(path, size)], algorithm=algorithm, workers=workers)
-    if isinstance(outcome, OSError):
-        raise outcome
-    return size, outcome
 
 
 def config_fingerprint(config: object) -> str:

@@ -123,11 +123,11 @@ class _Layout:
         page-cache writes serialise on its inode anyway); hashing runs beside them, so it costs no
         time of its own. The file is never read back.
         """
+        chunks = [self.chunk(index) for index in range(chunk_count(self.size))]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptmgr-hash") as pool:
-            digests = [pool.submit(self._hash_chunk, index) for index in range(chunk_count(self.size))]
+            digests = [pool.submit(_hash_pieces, pieces) for _, pieces in chunks]
             try:
-                for index in range(len(digests)):
-                    offset, pieces = self.chunk(index)
+                for offset, pieces in chunks:
                     storage.write_at(f, pieces, offset)
             except BaseException:
                 for pending in digests:
@@ -135,8 +135,9 @@ class _Layout:
                 raise
             return combine([d.result() for d in digests])
 
-    def _hash_chunk(self, index: int) -> bytes:
-        hasher = xxhash.xxh3_128()
-        for piece in self.chunk(index)[1]:
-            hasher.update(piece)
-        return hasher.digest()
+
+def _hash_pieces(pieces: list[memoryview]) -> bytes:
+    hasher = xxhash.xxh3_128()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.digest()
