@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO checkpoints through the manager, with or without Lightning.
 
-Every rank writes its own shards into one staging directory, hashes the files
-it wrote (from page cache, in parallel with the other ranks), and reports the
+Every rank writes its own shards into one staging directory, fsyncs and hashes
+each file it wrote as soon as DeepSpeed has finished it (from page cache, while
+the engine serialises the next one; :class:`ShardHasher`), and reports the
 entries to rank 0, which checks that every rank's shards are there and
-publishes one manifest covering them all. The manifest records the world size,
+publishes one manifest covering them all. A rank that fails to hash reports the
+error instead, so every rank raises it and none waits for the others forever. The manifest records the world size,
 ZeRO stage and each rank's shard list, so a checkpoint missing a rank's shard
 never verifies and a resume under another world size is refused by name.
 
@@ -14,12 +16,14 @@ never verifies and a resume under another world size is refused by name.
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .catalog import Checkpoint
 from .commit import sync_and_hash
-from .errors import CommitError, ConfigMismatchError, InvalidCheckpointError, NoValidCheckpointError
+from .errors import CkptMgrError, CommitError, ConfigMismatchError, InvalidCheckpointError, NoValidCheckpointError
 from .manager import CheckpointManager
 from .manifest import FileEntry
 from .storage import LocalStorage, Storage
@@ -35,12 +39,73 @@ def owner_rank(relpath: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def hash_own_files(staging: str, rank: int, world_size: int, storage: Storage | None = None) -> list[FileEntry]:
-    """Hash the files this rank wrote; rank 0 also takes the shared ones (latest, scripts)."""
-    files, _ = list_tree(staging)
-    mine = sorted(p for p in files if owner_rank(p) % max(world_size, 1) == rank)
-    # The writer's own fsync: on network filesystems only the writer's counts.
-    return sync_and_hash(storage or LocalStorage(), staging, list(mine))
+def owns(relpath: str, rank: int, world_size: int) -> bool:
+    """Whether ``rank`` fsyncs and hashes this file (rank 0 takes the shared ones: latest, scripts)."""
+    return owner_rank(relpath) % max(world_size, 1) == rank
+
+
+class ShardHasher:
+    """fsync and hash each file DeepSpeed writes into ``staging`` as soon as it is complete.
+
+    The engine writes every file of a checkpoint through its checkpoint
+    engine's ``save(state_dict, path)``; with the default
+    ``TorchCheckpointEngine`` the file is complete when that call returns. For
+    the length of the ``with`` block that call is wrapped, and a background
+    thread fsyncs and hashes each finished file (its chunks in parallel, from
+    page cache) while the engine serialises the next one. Files written some
+    other way (``latest``, the copied ``zero_to_fp32.py``) and every file of an
+    engine that writes asynchronously are hashed by :meth:`entries` afterwards.
+
+        with ShardHasher(engine, staging) as hasher:
+            engine.save_checkpoint(staging, tag=tag)
+        entries = hasher.entries(rank, world_size)
+    """
+
+    def __init__(self, engine: Any, staging: str, storage: Storage | None = None):
+        self.staging = staging
+        self.storage = storage or LocalStorage()
+        self.hashed_as_written: dict[str, Future[list[FileEntry]]] = {}
+        self._engine = getattr(engine, "checkpoint_engine", None)
+        # One file at a time keeps completion order; hash_files spreads each file's chunks over threads.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-shard-hash")
+        self._wrapped = False
+
+    def __enter__(self) -> ShardHasher:
+        engine = self._engine
+        # Only an engine whose save() returns with the file written: an asynchronous one would race the hash.
+        if engine is not None and type(engine).__name__ == "TorchCheckpointEngine" and "save" not in vars(engine):
+            write = engine.save
+
+            def save_then_hash(state_dict: Any, path: str) -> None:
+                write(state_dict, path)
+                self._finished(path)
+
+            engine.save = save_then_hash
+            self._wrapped = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._wrapped:
+            del self._engine.save  # the class's method again
+            self._wrapped = False
+        # Never leave a thread reading a staging directory that may be about to be removed.
+        self._pool.shutdown(wait=True)
+
+    def _finished(self, path: str) -> None:
+        relpath = os.path.relpath(path, self.staging)
+        if relpath.startswith(os.pardir) or relpath in self.hashed_as_written:
+            return  # not part of this checkpoint, or written twice: hashed afterwards
+        self.hashed_as_written[relpath] = self._pool.submit(sync_and_hash, self.storage, self.staging, [relpath])
+
+    def entries(self, rank: int, world_size: int) -> list[FileEntry]:
+        """Every file this rank is responsible for, hashed: those it wrote, and its share of the rest."""
+        entries: dict[str, FileEntry] = {}
+        for future in self.hashed_as_written.values():
+            entries.update((entry.path, entry) for entry in future.result())
+        files, _ = list_tree(self.staging)
+        rest = sorted(p for p in files if p not in self.hashed_as_written and owns(p, rank, world_size))
+        entries.update((entry.path, entry) for entry in sync_and_hash(self.storage, self.staging, rest))
+        return sorted(entries.values(), key=lambda entry: entry.path)
 
 
 def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False) -> dict[str, list[str]]:
@@ -68,28 +133,41 @@ def check_shards(layout: dict[str, Any], files: set[str], where: str) -> None:
 
 
 def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: str, *, rank: int,
-                      world_size: int, layout: dict[str, Any], replace: bool = False) -> Checkpoint | None:
-    """Collective: hash own files, gather at rank 0, which checks shards and commits."""
+                      world_size: int, layout: dict[str, Any], hasher: ShardHasher,
+                      replace: bool = False) -> Checkpoint | None:
+    """Collective: gather every rank's hashed files at rank 0, which checks the shards and commits.
+
+    Every rank raises :class:`CommitError` when any rank failed to hash or rank 0 failed to commit.
+    """
     import torch.distributed as dist
 
-    entries = hash_own_files(staging, rank, world_size, manager.storage if manager is not None else None)
+    report: tuple[list[FileEntry], str | None]
+    try:
+        report = (hasher.entries(rank, world_size), None)
+    except CkptMgrError as exc:  # reported, not raised: the other ranks are waiting in the gather
+        report = ([], f"rank {rank}: {exc}")
     gathered: list[Any] = [None] * world_size
     if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_gather_object(gathered, entries)
+        dist.all_gather_object(gathered, report)
     else:
-        gathered = [entries]
+        gathered = [report]
     checkpoint = None
     error: str | None = None
     if rank == 0:
         assert manager is not None and handle is not None
-        reported = {e.path: e for rank_entries in gathered for e in rank_entries}
-        try:
-            check_shards(layout, set(reported), staging)
-            handle.add_hashed(reported.values())
-            checkpoint = manager.commit(handle, replace=replace)
-        except (InvalidCheckpointError, CommitError) as exc:
+        reported = {e.path: e for rank_entries, _ in gathered for e in rank_entries}
+        failures = [failure for _, failure in gathered if failure is not None]
+        if failures:
             manager.abort(handle)
-            error = str(exc)
+            error = "; ".join(failures)
+        else:
+            try:
+                check_shards(layout, set(reported), staging)
+                handle.add_hashed(reported.values())
+                checkpoint = manager.commit(handle, replace=replace)
+            except (InvalidCheckpointError, CommitError) as exc:
+                manager.abort(handle)
+                error = exc.message if exc.path == staging else str(exc)
     outcome = [error]
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.broadcast_object_list(outcome, src=0)
@@ -119,11 +197,12 @@ def save(engine: Any, manager: CheckpointManager, *, step: int, epoch: int | Non
     if dist.is_initialized() and world_size > 1:
         dist.broadcast_object_list(box, src=0)
     staging = box[0]
-    engine.save_checkpoint(staging, tag=tag, client_state=client_state or {})
+    with ShardHasher(engine, staging, manager.storage) as hasher:
+        engine.save_checkpoint(staging, tag=tag, client_state=client_state or {})
     if dist.is_initialized():
         dist.barrier()
     return gather_and_commit(manager if rank == 0 else None, handle, staging, rank=rank, world_size=world_size,
-                             layout=layout)
+                             layout=layout, hasher=hasher)
 
 
 def load(engine: Any, manager: CheckpointManager, **load_kwargs: Any) -> tuple[Checkpoint, dict[str, Any]]:

@@ -15,10 +15,11 @@ import sys
 
 import pytest
 import torch
+import xxhash
 
 from ckptmgr import CheckpointManager, ConfigMismatchError
 from ckptmgr.catalog import resolve
-from ckptmgr.verify import Status, verify_checkpoint
+from ckptmgr.verify import Status, list_tree, verify_checkpoint
 from tests.conftest import REPO, run_cli
 from tests.test_legacy import flip_inside_record
 
@@ -52,6 +53,42 @@ def test_managed_zero_checkpoint_round_trip(ds_run):
     assert "latest" in files and os.path.isdir(os.path.join(found.path, "checkpoint"))  # Lightning's layout
 
 
+def test_each_rank_hashes_its_shards_as_deepspeed_finishes_them(ds_run):
+    stage, out, report = ds_run
+    shards = expected_shards_of(stage)
+    probe = os.path.join(out, "probe")
+    everything = {}
+    for rank, seen in enumerate(report["probe"]):
+        # Every shard a rank writes went to the hasher when DeepSpeed finished it, not after the save.
+        assert set(shards[str(rank)]) <= set(seen["as_written"]), (rank, seen["as_written"])
+        assert seen["unwrapped"]  # the engine's own save() is back after the block
+        for path, size, digest in seen["entries"]:
+            everything[path] = (size, digest)
+    files, _ = list_tree(probe)
+    assert set(everything) == set(files)  # every file hashed by exactly the ranks' union, none forgotten
+    for path, (size, digest) in everything.items():
+        with open(os.path.join(probe, path), "rb") as f:
+            data = f.read()
+        assert (size, digest) == (len(data), xxhash.xxh3_128_hexdigest(data)), path  # files < one chunk
+
+
+def test_a_rank_that_cannot_hash_fails_the_save_on_every_rank(ds_run):
+    _, out, report = ds_run
+    assert len(report["failed"]) == 2
+    for outcome in report["failed"]:
+        assert outcome.startswith("CommitError: ") and "DeepSpeed checkpoint not committed: rank 1:" in outcome
+        assert "zero_pp_rank_1_mp_rank_00_" in outcome and "Input/output error" in outcome
+    run_dir = os.path.join(out, "run")
+    assert resolve(run_dir).step == 6
+    assert not [name for name in os.listdir(run_dir) if "staging" in name]
+
+
+def expected_shards_of(stage: int) -> dict[str, list[str]]:
+    from ckptmgr.deepspeed import expected_shards
+
+    return expected_shards("checkpoint", 2, stage)
+
+
 def copy_run(out: str, tmp_path) -> str:
     run_dir = str(tmp_path / "run")
     shutil.copytree(os.path.join(out, "run"), run_dir, symlinks=True)
@@ -83,7 +120,7 @@ def test_flipped_byte_in_optimizer_shard(ds_run, tmp_path):
 
 def test_commit_refuses_a_missing_shard(tmp_path):
     from ckptmgr import CommitError
-    from ckptmgr.deepspeed import expected_shards, gather_and_commit
+    from ckptmgr.deepspeed import ShardHasher, expected_shards, gather_and_commit
 
     manager = CheckpointManager(str(tmp_path / "run"))
     layout = {"zero_stage": 2, "tag": "checkpoint", "shards": expected_shards("checkpoint", 2, 2)}
@@ -93,7 +130,8 @@ def test_commit_refuses_a_missing_shard(tmp_path):
         with open(os.path.join(handle.path, "checkpoint", name), "wb") as f:
             f.write(b"x")
     with pytest.raises(CommitError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt"):
-        gather_and_commit(manager, handle, handle.path, rank=0, world_size=1, layout=layout)
+        gather_and_commit(manager, handle, handle.path, rank=0, world_size=1, layout=layout,
+                          hasher=ShardHasher(None, handle.path))
     assert resolve(str(tmp_path / "run")) is None and not os.path.exists(handle.path)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from ..manager import PAYLOAD_NAME, CheckpointManager
@@ -117,18 +118,20 @@ class _ManagedCheckpointMixin:
         if self._async is not None and handle is not None:
             self._async.wait()  # at most one save in flight; raises the previous one's error
             trainer.strategy.checkpoint_io.async_target = (self._async, self.manager, handle)
+        hasher = _shard_hasher(trainer, staging_path, self.manager) if deepspeed else None
         try:
-            trainer.save_checkpoint(inside, self.save_weights_only)  # a collective: every rank writes its part
+            with hasher or nullcontext():
+                trainer.save_checkpoint(inside, self.save_weights_only)  # a collective: every rank writes its part
         except BaseException:
             if handle is not None:
                 self.manager.abort(handle)  # type: ignore[union-attr]
             raise
-        if deepspeed:
-            # Each rank hashes the shards it wrote; rank 0 checks all are there and publishes.
+        if hasher is not None:
+            # Each rank hashed the files it wrote as each was finished; rank 0 checks all are there and publishes.
             from ..deepspeed import gather_and_commit
 
             gather_and_commit(self.manager, handle, staging_path, rank=trainer.global_rank,
-                              world_size=trainer.world_size, layout=layout, replace=True)
+                              world_size=trainer.world_size, layout=layout, hasher=hasher, replace=True)
         elif handle is not None and self._async is None:
             # Lightning has already applied its version counter: a save onto an
             # existing name means "overwrite", done here as a crash-safe replace.
@@ -219,6 +222,12 @@ class _ManagedCheckpointMixin:
         if self._rng_to_restore is not None:
             rng.restore(self._rng_to_restore[trainer.global_rank])
             self._rng_to_restore = None
+
+
+def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> Any:
+    from ..deepspeed import ShardHasher
+
+    return ShardHasher(trainer.strategy.deepspeed_engine, staging_path, manager.storage if manager else None)
 
 
 def _is_deepspeed(strategy: Any) -> bool:

@@ -2,7 +2,9 @@
 
     ds_worker.py STAGE OUT    train 6 steps of a small model, saving managed checkpoints at steps 3 and 6
                               (OUT/run/), a plain DeepSpeed checkpoint (OUT/plain/, tag global_step6), then
-                              load the newest managed one into a fresh engine; rank 0 prints a JSON report.
+                              load the newest managed one into a fresh engine; save once more into OUT/probe/
+                              through a ShardHasher; attempt a managed save at step 7 whose fsync fails on
+                              rank 1; rank 0 prints a JSON report.
 """
 
 import json
@@ -12,8 +14,9 @@ import sys
 import deepspeed
 import torch
 
-from ckptmgr import CheckpointManager
+from ckptmgr import CheckpointManager, CkptMgrError
 from ckptmgr import deepspeed as managed
+from ckptmgr.testing import Fault, FaultyStorage
 
 
 def engine_for(stage: int):
@@ -54,10 +57,43 @@ def main() -> None:
     checkpoint, client_state = managed.load(fresh, CheckpointManager(os.path.join(out, "run")))
     restored = params(fresh)
     same = all(torch.equal(a, b) for a, b in zip(expected, restored, strict=True))
+    probe = probe_shard_hasher(engine, os.path.join(out, "probe"))
+    failed = save_with_failing_rank(engine, manager)
     if engine.global_rank == 0:
         print("REPORT " + json.dumps({"saved": saved, "loaded": checkpoint.path, "step": checkpoint.step,
                                       "client_step": client_state.get("step"), "params_equal": same,
-                                      "world_size": engine.world_size}), flush=True)
+                                      "world_size": engine.world_size, "probe": probe, "failed": failed}),
+              flush=True)
+
+
+def gather(value):
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def probe_shard_hasher(engine, staging: str) -> list:
+    """What each rank hashed while the engine was still saving, and every rank's entries afterwards."""
+    os.makedirs(staging, exist_ok=True)
+    with managed.ShardHasher(engine, staging) as hasher:
+        engine.save_checkpoint(staging, tag="checkpoint")
+    torch.distributed.barrier()
+    unwrapped = "save" not in vars(engine.checkpoint_engine)
+    entries = hasher.entries(engine.global_rank, engine.world_size)
+    return gather({"as_written": sorted(hasher.hashed_as_written), "unwrapped": unwrapped,
+                   "entries": [[e.path, e.size, e.xxh3_128] for e in entries]})
+
+
+def save_with_failing_rank(engine, manager: CheckpointManager) -> list:
+    """A save whose first fsync fails on rank 1: every rank must raise, nothing may be published."""
+    if engine.global_rank == 1:  # rank 1 never takes the writer lock: its manager only lends its storage
+        manager = CheckpointManager(manager.run_dir, storage=FaultyStorage(Fault(at=1, op="sync_file", action="eio")))
+    try:
+        managed.save(engine, manager, step=7)
+        outcome = "committed"
+    except CkptMgrError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    return gather(outcome)
 
 
 if __name__ == "__main__":
