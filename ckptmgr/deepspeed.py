@@ -5,9 +5,10 @@ each file it wrote as soon as DeepSpeed has finished it (from page cache, while
 the engine serialises the next one; :class:`ShardHasher`), and reports the
 entries to rank 0, which checks that every rank's shards are there and
 publishes one manifest covering them all. A rank that fails to hash reports the
-error instead, so every rank raises it and none waits for the others forever. The manifest records the world size,
-ZeRO stage and each rank's shard list, so a checkpoint missing a rank's shard
-never verifies and a resume under another world size is refused by name.
+error instead, so every rank raises it and none waits for the others forever.
+The manifest records the world size, ZeRO stage and each rank's shard list, so
+a checkpoint missing a rank's shard never verifies and a resume under another
+world size is refused by name.
 
     from ckptmgr.deepspeed import save, load
     save(engine, manager, step=engine.global_steps)          # every rank calls it
@@ -93,8 +94,9 @@ class ShardHasher:
 
     def _finished(self, path: str) -> None:
         relpath = os.path.relpath(path, self.staging)
-        if relpath.startswith(os.pardir) or relpath in self.hashed_as_written:
-            return  # not part of this checkpoint, or written twice: hashed afterwards
+        if relpath.startswith(os.pardir):
+            return  # not part of this checkpoint
+        # A file written again is hashed again; the pool runs in order, so the last hash is of the last write.
         self.hashed_as_written[relpath] = self._pool.submit(sync_and_hash, self.storage, self.staging, [relpath])
 
     def entries(self, rank: int, world_size: int) -> list[FileEntry]:

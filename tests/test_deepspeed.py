@@ -83,6 +83,30 @@ def test_a_rank_that_cannot_hash_fails_the_save_on_every_rank(ds_run):
     assert not [name for name in os.listdir(run_dir) if "staging" in name]
 
 
+def test_shard_hasher_hashes_the_last_write_and_only_inside_staging(tmp_path, monkeypatch):
+    """DeepSpeed's own TorchCheckpointEngine, outside an engine: a file written twice, a file elsewhere."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from ckptmgr.deepspeed import ShardHasher
+
+    staging, elsewhere = tmp_path / "staging", tmp_path / "elsewhere.pt"
+    os.makedirs(staging / "checkpoint")
+    writer = TorchCheckpointEngine()
+    shard = str(staging / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with ShardHasher(SimpleNamespace(checkpoint_engine=writer), str(staging)) as hasher:
+        writer.save({"v": torch.zeros(1000)}, shard)
+        writer.save(state_dict={"v": torch.ones(1000)}, path=shard)  # DeepSpeed passes keywords too
+        writer.save({"v": torch.ones(3)}, str(elsewhere))
+    assert "save" not in vars(writer) and sorted(hasher.hashed_as_written) == [os.path.relpath(shard, staging)]
+    [entry] = hasher.entries(0, 1)
+    with open(shard, "rb") as f:
+        assert entry.xxh3_128 == xxhash.xxh3_128_hexdigest(f.read())
+    assert torch.equal(torch.load(shard)["v"], torch.ones(1000))
+
+
 def expected_shards_of(stage: int) -> dict[str, list[str]]:
     from ckptmgr.deepspeed import expected_shards
 

@@ -23,12 +23,15 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..manager import PAYLOAD_NAME, CheckpointManager
 from ..storage import DurabilityHook
 from ..verify import Status, has_manifest, verify_checkpoint
 from . import _compat, rng
+
+if TYPE_CHECKING:
+    from ..deepspeed import ShardHasher  # imported when used: it is the DeepSpeed-only path
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +227,7 @@ class _ManagedCheckpointMixin:
             self._rng_to_restore = None
 
 
-def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> Any:
+def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> ShardHasher:
     from ..deepspeed import ShardHasher
 
     return ShardHasher(trainer.strategy.deepspeed_engine, staging_path, manager.storage if manager else None)
