@@ -129,7 +129,8 @@ def test_version_counter_and_overwrite(tmp_path):
         assert not [n for n in os.listdir(dirpath) if n.startswith(".ckptmgr-")]
 
 
-def test_isinstance_holds_in_both_namespaces():
+def test_isinstance_holds_in_both_namespaces(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no dirpath: Lightning saves under the working directory's checkpoints/
     import lightning.pytorch as L
     import pytorch_lightning as PL
 
