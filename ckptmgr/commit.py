@@ -20,14 +20,13 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from . import __version__, payload
 from .errors import CkptMgrError, CommitError, from_os_error
-from .hashing import HashingWriter, default_workers, hash_files
+from .hashing import HashingWriter, default_workers, hash_files, map_in_threads
 from .manifest import MANIFEST_NAME, FileEntry, Manifest
 from .storage import Storage
 from .verify import list_tree
@@ -108,7 +107,7 @@ class StagedCheckpoint:
     def finalize(self, *, name: str, sequence: int) -> tuple[str, Manifest]:
         """Write the manifest and publish the checkpoint under ``name``."""
         t0 = time.perf_counter()
-        entries = self._hash_remaining(self.workers)
+        entries = self._hash_remaining()
         hash_seconds = time.perf_counter() - t0
         manifest = self._build_manifest(name, sequence, entries, hash_seconds)
         target = os.path.join(self.run_dir, name)
@@ -124,7 +123,7 @@ class StagedCheckpoint:
             raise from_os_error(target, "publishing the checkpoint", exc) from exc
         return target, manifest
 
-    def _hash_remaining(self, workers: int | None) -> list[FileEntry]:
+    def _hash_remaining(self) -> list[FileEntry]:
         """Hash and fsync the files written by others; return every file's entry."""
         try:
             present, odd = list_tree(self.path)
@@ -137,7 +136,7 @@ class StagedCheckpoint:
         if missing:
             raise CommitError(self.path, f"files written through ckptmgr vanished: {missing}")
         foreign = [p for p in present if p not in self._hashed]
-        hashed = sync_and_hash(self.storage, self.path, foreign, workers=workers)
+        hashed = sync_and_hash(self.storage, self.path, foreign, workers=self.workers)
         return sorted([*self._hashed.values(), *hashed], key=lambda e: e.path)
 
     def _sync_dirs(self) -> None:
@@ -187,8 +186,7 @@ def sync_and_hash(storage: Storage, root: str, relpaths: list[str], *, workers: 
         except OSError as exc:
             raise from_os_error(path, "syncing a staged file", exc) from exc
 
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        sizes = list(pool.map(sync, full))
+    sizes = map_in_threads(sync, full, workers or default_workers())
     digests = hash_files(list(zip(full, sizes, strict=True)), workers=workers)
     entries = []
     for relpath, path, size, digest in zip(relpaths, full, sizes, digests, strict=True):

@@ -180,7 +180,7 @@ def hash_files(
         except OSError as exc:
             return exc
 
-    outcomes = _map_in_threads(run, tasks, workers or default_workers())
+    outcomes = map_in_threads(run, tasks, workers or default_workers())
     digests: list[list[bytes]] = [[] for _ in files]
     failed: dict[int, OSError] = {}
     for (index, _, _), outcome in zip(tasks, outcomes, strict=True):
@@ -191,7 +191,7 @@ def hash_files(
     return [failed[i] if i in failed else combine(digests[i]) for i in range(len(files))]
 
 
-def _map_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+def map_in_threads(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
     """``[fn(x) for x in items]`` on up to ``workers`` threads; the first exception is re-raised.
 
     Plain threads rather than concurrent.futures, which imports logging: a tenth of the start-up

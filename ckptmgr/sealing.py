@@ -67,7 +67,7 @@ def _seal_directory(manager: CheckpointManager, path: str, step: int, epoch: int
     staged = StagedCheckpoint(manager.storage, os.path.dirname(path), os.path.basename(path), fields,
                               workers=manager.workers)
     sequence = manager._next_sequence()
-    entries = staged._hash_remaining(manager.workers)
+    entries = staged._hash_remaining()
     manifest = staged._build_manifest(os.path.basename(path), sequence, entries, 0.0)
     tmp = os.path.join(path, f".{MANIFEST_NAME}.{os.urandom(4).hex()}.tmp")
     try:

@@ -192,8 +192,8 @@ def test_format_1_checkpoints_still_verify_with_their_whole_file_digest(tmp_path
 
 
 def test_thread_fan_out_keeps_order_and_raises_the_first_error():
-    from ckptmgr.hashing import _map_in_threads
+    from ckptmgr.hashing import map_in_threads
 
-    assert _map_in_threads(lambda x: x * x, list(range(100)), 4) == [x * x for x in range(100)]
+    assert map_in_threads(lambda x: x * x, list(range(100)), 4) == [x * x for x in range(100)]
     with pytest.raises(ZeroDivisionError):
-        _map_in_threads(lambda x: 1 / x, [1, 2, 0, 3], 3)
+        map_in_threads(lambda x: 1 / x, [1, 2, 0, 3], 3)
