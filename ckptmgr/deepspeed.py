@@ -28,7 +28,7 @@ from .errors import CkptMgrError, CommitError, ConfigMismatchError, InvalidCheck
 from .manager import CheckpointManager
 from .manifest import FileEntry
 from .storage import LocalStorage, Storage
-from .verify import list_tree, missing_shards
+from .verify import list_tree
 
 DEFAULT_TAG = "checkpoint"
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
@@ -125,6 +125,12 @@ def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False
     if stage < 3:
         shards["0"].append(f"{tag}/mp_rank_00_model_states.pt")
     return shards
+
+
+def missing_shards(layout: dict[str, Any], files: set[str]) -> list[str]:
+    """Shards a sharded layout names that the file list lacks."""
+    shards = layout.get("shards") or {}
+    return sorted(f for rank_files in shards.values() for f in rank_files if f not in files)
 
 
 def check_shards(layout: dict[str, Any], files: set[str], where: str) -> None:

@@ -120,7 +120,8 @@ def _read_buffer() -> memoryview:
     return buffer
 
 
-def hash_range(path: str, offset: int, length: int, expected_size: int, on_bytes: _Progress = None) -> bytes:
+def hash_range(path: str, offset: int, length: int, expected_size: int, on_bytes: _Progress = None,
+               reader: Any = None) -> bytes:
     """The 16-byte xxh3_128 of ``length`` bytes of ``path`` at ``offset``.
 
     Each call opens its own descriptor, so the kernel's readahead follows each
@@ -129,7 +130,7 @@ def hash_range(path: str, offset: int, length: int, expected_size: int, on_bytes
     """
     hasher = xxhash.xxh3_128()
     buffer = _read_buffer()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = reader.open_read(path) if reader is not None else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
         if os.fstat(fd).st_size != expected_size:
             raise FileChanged(f"size is no longer {expected_size}")
@@ -153,6 +154,7 @@ def hash_files(
     algorithm: str = CHUNKED,
     workers: int | None = None,
     on_bytes: _Progress = None,
+    reader: Any = None,
 ) -> list[str | OSError]:
     """Digest every ``(path, size)`` with ``algorithm``, in parallel across and within files.
 
@@ -176,7 +178,7 @@ def hash_files(
         index, offset, length = task
         path, size = files[index]
         try:
-            return hash_range(path, offset, max(length, 0), size, on_bytes)
+            return hash_range(path, offset, max(length, 0), size, on_bytes, reader)
         except OSError as exc:
             return exc
 

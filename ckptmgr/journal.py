@@ -9,13 +9,17 @@ and ``ckptmgr timeline`` read it; nothing ever trusts it for resolution.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
+import stat
 import time
 from typing import Any
 
 from .naming import STATE_DIR
+from .storage import LOCAL_READER
 
 JOURNAL_NAME = "journal.jsonl"
 MAX_BYTES = 4 * 1024 * 1024
@@ -35,8 +39,12 @@ def append_event(run_dir: str, event: str, **fields: Any) -> None:
     line = json.dumps(record, sort_keys=True, default=str) + "\n"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # O_NONBLOCK and the check below: a FIFO or device put where the journal belongs never blocks a save.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
             os.write(fd, line.encode())
             os.fsync(fd)
             size = os.fstat(fd).st_size
@@ -51,20 +59,42 @@ def append_event(run_dir: str, event: str, **fields: Any) -> None:
 def read_events(run_dir: str) -> list[dict[str, Any]]:
     """Every well-formed event, oldest first; torn or foreign lines are skipped."""
     try:
-        with open(journal_path(run_dir), "rb") as f:
-            raw = f.read(MAX_BYTES * 2)
+        raw = LOCAL_READER.read_small(journal_path(run_dir), MAX_BYTES * 2)  # regular files only, never blocks
     except OSError:
         return []
     events = []
     for line in raw.splitlines():
+        if line.count(b"[") + line.count(b"{") > 16:
+            continue  # no event nests; a line that does is foreign or hostile (and json would recurse into it)
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        well_formed = isinstance(record, dict) and isinstance(record.get("event"), str)
-        if well_formed and isinstance(record.get("unix"), (int, float)):
+        if _well_formed(record):
             events.append(record)
     return events
+
+
+def _well_formed(record: Any) -> bool:
+    """An event readers can use without checking types again: what history.py and timeline.py rely on."""
+    if not isinstance(record, dict) or not isinstance(record.get("event"), str):
+        return False
+    unix = record.get("unix")
+    if not isinstance(unix, (int, float)) or isinstance(unix, bool) or not math.isfinite(unix):
+        return False
+    invocation = record.get("invocation")
+    if invocation is not None and not isinstance(invocation, (str, int)):
+        return False
+    for key in ("step", "sequence", "bytes"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return False
+    for key in ("seconds", "durable_seconds"):
+        value = record.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            return False
+    return True
 
 
 def _truncate(path: str) -> None:

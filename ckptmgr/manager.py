@@ -1,8 +1,9 @@
 """CheckpointManager: one run directory, one writer.
 
 The manager orchestrates; the details live below it: names (naming), the
-commit protocol (commit), verification and resolution (verify, catalog),
-retention policies (retention), the writer lock (lock) and the run journal.
+commit protocol and crash recovery (commit), verification and resolution
+(verify, catalog), retention policies (retention), the ``last`` alias
+(aliases), the writer lock (lock) and the run journal.
 
 A save is *acknowledged* (``save`` returns, the ``stage`` block exits) only
 after the checkpoint is published, synced and the durability hook returned.
@@ -16,18 +17,19 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from . import catalog
+from . import aliases, catalog
 from .catalog import Candidate, Checkpoint
-from .commit import ManifestFields, StagedCheckpoint, abandon
+from .commit import ManifestFields, StagedCheckpoint, abandon, recover, remove_records
 from .errors import (
     CommitError,
     ConfigMismatchError,
     InvalidCheckpointError,
     NoValidCheckpointError,
+    PathNotFoundError,
     UsageError,
     from_os_error,
 )
@@ -38,42 +40,45 @@ from .naming import (
     DEFAULT_TEMPLATE,
     LAST_NAME,
     QUARANTINE_DIR,
+    STAGING_DIR,
+    TRASH_DIR,
+    check_checkpoint_name,
     checkpoint_name,
-    is_staging,
-    is_trash,
+    internal_name,
+    new_token,
     parse_name,
-    staging_name,
-    trash_name,
     versioned,
 )
+from .records import read_records
 from .retention import KeepEpochEnds, KeepEveryNSteps, KeepLast, RetentionPolicy, select_for_deletion
-from .storage import DurabilityHook, LocalStorage, NoDurabilityHook, Storage
-from .verify import verify_checkpoint
+from .storage import LOCAL_READER, DurabilityHook, LocalStorage, NoDurabilityHook, Reader, Storage
+from .verify import Status, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_NAME = "checkpoint.pt"
 # One id per process: every manager of one training invocation journals under it.
 PROCESS_INVOCATION = uuid.uuid4().hex[:12]
 
 
 class Staging:
-    """What ``CheckpointManager.stage`` yields: a directory to write into."""
+    """What ``CheckpointManager.stage``/``begin`` yields: where to write one checkpoint."""
 
     def __init__(self, staged: StagedCheckpoint):
         self._staged = staged
-        self.target = ""
+        self.target = staged.name
         self.checkpoint: Checkpoint | None = None  # set once committed
+        self.submitted = False  # handed to a background writer (async saves), which commits or abandons it
 
     @property
     def path(self) -> str:
+        """The staging file (single-file checkpoint) or directory; never hand it to users."""
         return self._staged.path
 
-    def open_file(self, relpath: str):
-        """Write a payload file hashed in one pass (preferred over writing by path)."""
+    def open_file(self, relpath: str | None = None):
+        """Write a payload file hashed in one pass (``relpath`` in a directory; none for a single file)."""
         return self._staged.open_file(relpath)
 
-    def save_torch(self, obj: Any, relpath: str, *, torch_crc32: bool = False) -> None:
+    def save_torch(self, obj: Any, relpath: str | None = None, *, torch_crc32: bool = False) -> None:
         """``torch.save`` into a payload file, hashed beside the write, never read back (see payload.py).
 
         ``torch_crc32``: see ``CheckpointManager.torch_crc32``.
@@ -87,7 +92,31 @@ class Staging:
 
 
 class CheckpointManager:
-    """Atomic, verified checkpoints in one run directory."""
+    """Atomic, verified checkpoints in one run directory.
+
+    Args:
+        run_dir: the run directory; created by the first save.
+        keep_last: retention: keep the newest N checkpoints (None: keep every checkpoint, no retention at all).
+        keep_every_n_steps: retention: also keep checkpoints whose step is a multiple of N.
+        keep_epochs: retention: also keep the newest N epoch-end checkpoints (saved with ``epoch_end=True``);
+            None keeps every one of them, 0 none.
+        retention: instead of the three above, a sequence of policies (``KeepLast``, ``KeepEveryNSteps``,
+            ``KeepEpochEnds`` or your own); a checkpoint is kept if any policy keeps it.
+        template: checkpoint name template (``epoch={epoch}-step={step}``, Lightning's default).
+        last_alias: name of the ``last`` alias moved after every save (None: no alias).
+        config_fingerprint: recorded in every checkpoint; ``load`` refuses a checkpoint of another fingerprint.
+        storage: the write seam (tests inject faults through it).
+        reader: the read seam (tests inject read faults through it).
+        durability: called after each publish (a Modal ``Volume.commit()``); the save is acknowledged after it.
+        durability_timeout_s: a durability hook that has not returned by then fails the save.
+        lock_timeout_s: how long to wait for another writer's lock (0: refuse at once).
+        workers: hashing threads (default: cores, at most 8).
+        torch_crc32: keep torch's serial per-record CRC32 in saved files (off: xxh3_128 covers every byte).
+
+    Retention deletes only checkpoints that the policies you configure do not keep, and never the
+    newest one or the one resolve would pick; with the defaults that is all but the newest 3 periodic
+    checkpoints (epoch-end ones are all kept).
+    """
 
     def __init__(
         self,
@@ -96,10 +125,12 @@ class CheckpointManager:
         keep_last: int | None = 3,
         keep_every_n_steps: int | None = None,
         keep_epochs: int | None = None,
+        retention: Sequence[RetentionPolicy] | None = None,
         template: str = DEFAULT_TEMPLATE,
         last_alias: str | None = LAST_NAME,
         config_fingerprint: str | None = None,
         storage: Storage | None = None,
+        reader: Reader | None = None,
         durability: DurabilityHook | None = None,
         durability_timeout_s: float = 600.0,
         lock_timeout_s: float = 0.0,
@@ -107,13 +138,19 @@ class CheckpointManager:
         torch_crc32: bool = False,
     ):
         self.run_dir = os.path.abspath(os.fspath(run_dir))
-        self.policies = _policies(keep_last, keep_every_n_steps, keep_epochs)
+        if retention is not None:
+            self.policies: list[RetentionPolicy] = list(retention)
+        else:
+            self.policies = _policies(keep_last, keep_every_n_steps, keep_epochs)
         if durability_timeout_s <= 0:
             raise UsageError(None, f"durability_timeout_s must be > 0, got {durability_timeout_s}")
+        if last_alias is not None and check_checkpoint_name(last_alias):
+            raise UsageError(None, f"last_alias: {check_checkpoint_name(last_alias)}")
         self.template = template
         self.last_alias = last_alias
         self.config_fingerprint = config_fingerprint
         self.storage: Storage = storage or LocalStorage()
+        self.reader: Reader = reader or LOCAL_READER
         self.durability: DurabilityHook = durability or NoDurabilityHook()
         self.durability_timeout_s = durability_timeout_s
         self.workers = workers
@@ -123,18 +160,29 @@ class CheckpointManager:
         self.invocation = PROCESS_INVOCATION
         self._lock = WriterLock(self.run_dir, timeout=lock_timeout_s)
         self._sequence: int | None = None
+        self._links: aliases.LinkSupport | None = None
 
     # -- writer lifecycle -------------------------------------------------
     def open(self) -> CheckpointManager:
-        """Take the writer lock and clean up leftovers of crashed saves. Idempotent."""
+        """Take the writer lock, then recover what crashed saves left. Idempotent.
+
+        The lock comes first: nothing is read, moved or cleaned before this process is the one writer.
+        """
         if self._lock.held:
             return self
+        if os.path.lexists(self.run_dir) and not os.path.isdir(self.run_dir):
+            raise UsageError(self.run_dir, "the run directory path exists and is not a directory")
         try:
             self.storage.makedirs(self.run_dir)
         except OSError as exc:
             raise from_os_error(self.run_dir, "creating the run directory", exc) from exc
         self._lock.acquire()
-        self.cleanup()
+        try:
+            self.cleanup()
+            self._links = aliases.probe(self.storage, self.run_dir)
+        except BaseException:
+            self._lock.release()
+            raise
         append_event(self.run_dir, "open", invocation=self.invocation, pid=os.getpid())
         return self
 
@@ -163,20 +211,24 @@ class CheckpointManager:
         metadata: dict[str, Any] | None = None,
         epoch_end: bool = False,
         name: str | None = None,
+        replace: bool = False,
+        kind: str = "torch",
     ) -> Checkpoint:
-        """Save ``obj`` with ``torch.save`` as a single-payload checkpoint."""
+        """``torch.save(obj)`` as the single-file checkpoint ``RUN/<name>`` (a plain torch file).
 
-        with self.stage(step=step, epoch=epoch, metadata=metadata, epoch_end=epoch_end, name=name,
-                        kind="torch", load_path=PAYLOAD_NAME) as staging:
-            staging.save_torch(obj, PAYLOAD_NAME, torch_crc32=self.torch_crc32)
+        ``name`` defaults to the template; a name that is taken gets ``-vN`` unless ``replace``.
+        """
+        with self.stage(step=step, epoch=epoch, metadata=metadata, epoch_end=epoch_end, name=name, kind=kind,
+                        shape="file", replace=replace) as staging:
+            staging.save_torch(obj, torch_crc32=self.torch_crc32)
         assert staging.checkpoint is not None
         return staging.checkpoint
 
     @contextmanager
-    def stage(self, **fields: Any) -> Iterator[Staging]:
-        """Yield a staging directory; leaving the block commits it, an exception abandons it.
+    def stage(self, *, replace: bool = False, **fields: Any) -> Iterator[Staging]:
+        """Yield a staging area; leaving the block commits it, an exception abandons it.
 
-        Takes the keyword arguments of :meth:`begin`.
+        Takes the keyword arguments of :meth:`begin` (a directory checkpoint unless ``shape="file"``).
         """
         handle = self.begin(**fields)
         try:
@@ -184,7 +236,7 @@ class CheckpointManager:
         except BaseException:
             self.abort(handle)
             raise
-        self.commit(handle)
+        self.commit(handle, replace=replace)
 
     def begin(
         self,
@@ -195,97 +247,88 @@ class CheckpointManager:
         epoch_end: bool = False,
         name: str | None = None,
         kind: str = "files",
+        shape: str = "directory",
         load_path: str = ".",
         world_size: int = 1,
         layout: dict[str, Any] | None = None,
-        staging_token: str | None = None,
+        token: str | None = None,
     ) -> Staging:
-        """Create a staging directory for a checkpoint (first half of :meth:`stage`).
+        """Create the staging area of a checkpoint (first half of :meth:`stage`).
 
-        Several ranks may write into ``Staging.path``; one process then calls
-        :meth:`commit` (after a barrier) or :meth:`abort`.
+        Several ranks may write into ``Staging.path`` (a directory); one process
+        then calls :meth:`commit` (after a barrier) or :meth:`abort`.
         """
         _check_step(step, epoch)
-        self.open()
         target = name or checkpoint_name(step, epoch, self.template)
+        problem = check_checkpoint_name(target)
+        if problem is not None:
+            raise UsageError(os.path.join(self.run_dir, str(target)), problem)
+        if shape not in ("file", "directory"):
+            raise UsageError(None, f"shape must be 'file' or 'directory', got {shape!r}")
+        self.open()
         fields = ManifestFields(
             step=step, epoch=epoch, kind=kind, load_path=load_path, epoch_end=epoch_end,
             world_size=world_size, layout=dict(layout or {}), config_fingerprint=self.config_fingerprint,
             metadata=dict(metadata or {}),
         )
-        staged = StagedCheckpoint(self.storage, self.run_dir, staging_name(target, staging_token), fields,
+        staged = StagedCheckpoint(self.storage, self.run_dir, target, token or new_token(), fields, shape=shape,
                                   workers=self.workers)
         staged.create()
-        handle = Staging(staged)
-        handle.target = target
-        return handle
+        return Staging(staged)
 
     def commit(self, handle: Staging, *, replace: bool = False) -> Checkpoint:
         """Publish a staged checkpoint; returns once it is acknowledged.
 
         ``replace`` publishes under the target name even when a checkpoint of
-        that name exists (Lightning without a version counter): the new one is
-        published under a free name first, then the old one goes to trash and
-        the new one takes its name, so a crash leaves one or both, never neither.
+        that name exists (Lightning without a version counter): a crash at any
+        point leaves the old one or the new one resolvable, never neither.
         """
-        handle.checkpoint = self._commit(handle._staged, handle.target, replace=replace)
+        handle.checkpoint = self._commit(handle._staged, replace=replace)
         return handle.checkpoint
 
     def abort(self, handle: Staging) -> None:
         """Abandon a staged checkpoint."""
         abandon(self.storage, handle.path)
 
-    def _commit(self, staged: StagedCheckpoint, target: str, *, replace: bool = False) -> Checkpoint:
+    def _commit(self, staged: StagedCheckpoint, *, replace: bool = False) -> Checkpoint:
         sequence = self._next_sequence()
-        name = self._free_name(target)
+        name = staged.name if replace else self._free_name(staged.name)
         try:
-            path, manifest = staged.finalize(name=name, sequence=sequence)
+            path, manifest = staged.finalize(name=name, sequence=sequence, replace=replace)
         except BaseException:
             abandon(self.storage, staged.path)
             raise
         self._sequence = sequence
-        if replace and name != target:
-            path, name = self._take_name(path, target), target
-        t0 = time.perf_counter()
-        self._make_durable(path)
-        durable_seconds = time.perf_counter() - t0
+        durable_seconds = self._make_durable(path)
         # Acknowledged from here on: only now may `last` move and old checkpoints go.
-        self._update_last(name)
+        checkpoint = Checkpoint(path, manifest)
+        self._update_last(checkpoint)
         self._apply_retention(sequence)
         append_event(
             self.run_dir, "save", invocation=self.invocation, name=name, step=manifest.step,
             epoch=manifest.epoch, sequence=sequence, bytes=manifest.total_bytes,
             seconds=round(time.time() - staged.started, 6), durable_seconds=round(durable_seconds, 6),
         )
-        return Checkpoint(path, manifest)
+        return checkpoint
 
     def _next_sequence(self) -> int:
         if self._sequence is None:
-            sequences = [c.manifest.sequence for c in catalog.scan(self.run_dir) if c.manifest]
+            sequences = [c.manifest.sequence for c in catalog.scan(self.run_dir, self.reader) if c.manifest]
             self._sequence = max(sequences, default=0)
         return self._sequence + 1
 
     def _free_name(self, target: str) -> str:
+        taken = {r.manifest.name for r in read_records(self.run_dir, self.reader) if r.manifest is not None}
         name, version = target, 0
-        while os.path.lexists(os.path.join(self.run_dir, name)):
+        while name in taken or os.path.lexists(os.path.join(self.run_dir, name)):
             version += 1
             name = versioned(target, version)
         return name
 
-    def _take_name(self, path: str, target: str) -> str:
-        """Move a just-published checkpoint onto ``target``, retiring the old holder of that name."""
-        self.delete(target)
-        final = os.path.join(self.run_dir, target)
-        try:
-            self.storage.rename_noreplace(path, final)
-            self.storage.sync_dir(self.run_dir)
-        except OSError as exc:
-            raise from_os_error(final, "renaming the checkpoint onto its name", exc) from exc
-        return final
-
-    def _make_durable(self, path: str) -> None:
-        """Run the durability hook with a timeout; a failure means 'not acknowledged'."""
+    def _make_durable(self, path: str) -> float:
+        """Run the durability hook with a timeout; a failure means 'not acknowledged'. Returns its seconds."""
         outcome: list[BaseException | None] = []
+        started = time.perf_counter()
 
         def run() -> None:
             try:
@@ -303,113 +346,201 @@ class CheckpointManager:
         if outcome[0] is not None:
             raise CommitError(path, f"durability hook failed ({outcome[0]!r}); the save is not acknowledged") \
                 from outcome[0]
+        return time.perf_counter() - started
 
-    # -- last alias, retention, deletion ----------------------------------
-    def point_last(self, name: str, *, alias: str | None = None) -> None:
-        """Point the ``last`` alias (or another alias name) at checkpoint ``name``, atomically."""
+    # -- the last alias -----------------------------------------------------
+    def point_last(self, name: str, *, alias: str | None = None, style: str = aliases.COPY) -> str | None:
+        """Make ``alias`` (default: ``last_alias``) an alias of checkpoint ``name``; returns how (or None).
+
+        ``style``: ``"copy"`` (a hard link with its own commit record, or a full copy where links are not
+        supported) or ``"link"`` (a symlink, or the copy style where symlinks are not supported).
+        """
         self.open()
-        self._update_last(name, alias or self.last_alias or LAST_NAME)
+        path = os.path.join(self.run_dir, self._own_name(name))
+        result = verify_checkpoint(path, quick=True, reader=self.reader)
+        if not result.valid or result.manifest is None:
+            raise InvalidCheckpointError(path, f"not a valid checkpoint to alias: {result.reason}")
+        return self._update_last(Checkpoint(path, result.manifest), alias or self.last_alias or LAST_NAME,
+                                 style=style, strict=True)
 
-    def _update_last(self, name: str, alias_name: str | None = None) -> None:
+    def _update_last(self, target: Checkpoint, alias_name: str | None = None, *, style: str = aliases.COPY,
+                     strict: bool = False) -> str | None:
         alias_name = alias_name or self.last_alias
-        if alias_name is None:
-            return
-        alias = os.path.join(self.run_dir, alias_name)
-        tmp = os.path.join(self.run_dir, staging_name(alias_name))
+        if alias_name is None or alias_name == target.name:
+            return None
+        problem = check_checkpoint_name(alias_name)
+        if problem is not None:
+            raise UsageError(os.path.join(self.run_dir, alias_name), problem)
         try:
-            self._displace_foreign_last(alias)
+            return self._publish_alias(alias_name, target, style)
+        except (OSError, CommitError) as exc:
+            if strict:
+                raise
+            # `last` is an alias: a failure to move it never fails the save it follows.
+            log.warning("[ckptmgr] %s: could not update the alias: %s", os.path.join(self.run_dir, alias_name), exc)
+            return None
+
+    def _publish_alias(self, alias_name: str, target: Checkpoint, style: str) -> str:
+        manifest = target.manifest
+        support = self._links or aliases.probe(self.storage, self.run_dir)
+        kind = support.kind_for(style, directory=not manifest.is_file)
+        alias = os.path.join(self.run_dir, alias_name)
+        self._displace_foreign(alias)
+        if kind == aliases.SYMLINK:
+            self._swap_in_symlink(alias, target.name)
+            remove_records(self.storage, self.run_dir, alias_name)
+            return kind
+        fields = ManifestFields(step=manifest.step, epoch=manifest.epoch, kind=manifest.kind,
+                                load_path=manifest.load_path, epoch_end=manifest.epoch_end,
+                                world_size=manifest.world_size, layout=dict(manifest.layout),
+                                config_fingerprint=manifest.config_fingerprint, metadata=dict(manifest.metadata),
+                                alias_of=target.name)
+        staged = StagedCheckpoint(self.storage, self.run_dir, alias_name, new_token(), fields, shape=manifest.shape,
+                                  workers=self.workers)
+        try:
+            staged.create()
+            staged.link_from(target.path, manifest.files, hard_links=kind == aliases.HARDLINK)
+            if os.path.islink(alias):
+                self.storage.unlink(alias)  # a symlink alias before: the copy takes its place
+            staged.finalize(name=alias_name, sequence=manifest.sequence, replace=True)
+        except BaseException:
+            abandon(self.storage, staged.path)
+            raise
+        return kind
+
+    def _swap_in_symlink(self, alias: str, name: str) -> None:
+        tmp = os.path.join(self.run_dir, STAGING_DIR, internal_name(os.path.basename(alias), new_token()))
+        try:
+            self.storage.makedirs(os.path.dirname(tmp))
+            if os.path.isdir(alias) and not os.path.islink(alias):
+                self._delete(os.path.basename(alias))  # a directory copy before: the symlink replaces it
             self.storage.symlink(name, tmp)
             self.storage.replace(tmp, alias)
             self.storage.sync_dir(self.run_dir)
-        except OSError as exc:
-            # `last` is only a hint; a failure to move it never fails the save.
-            log.warning("[ckptmgr] %s: could not update the last alias: %s", alias, exc)
+        except BaseException:
             abandon(self.storage, tmp)
+            raise
 
-    def _displace_foreign_last(self, alias: str) -> None:
-        """A real file or directory under the alias name is user data: move it aside, never delete."""
+    def _displace_foreign(self, alias: str) -> None:
+        """A real file or directory under the alias name that ckptmgr did not make is user data: moved aside."""
         if os.path.islink(alias) or not os.path.lexists(alias):
             return
+        name = os.path.basename(alias)
+        ours = any((r.manifest.name == name) if r.manifest is not None else r.stem == name
+                   for r in read_records(self.run_dir, self.reader))
+        if ours:
+            return  # a managed checkpoint under that name: the protocol replaces it
         aside = f"{alias}.displaced-{int(time.time())}"
-        log.warning("[ckptmgr] %s is not an alias; moving it to %s", alias, aside)
+        log.warning("[ckptmgr] %s is not a ckptmgr alias; moving it to %s (nothing deleted)", alias, aside)
         self.storage.rename_noreplace(alias, aside)
 
+    # -- retention, deletion, quarantine ------------------------------------
     def _apply_retention(self, just_committed: int) -> None:
         if not self.policies:
             return
-        candidates = catalog.scan(self.run_dir)
-        managed = [c for c in candidates if c.manifest and c.alias_of is None and not parse_name(c.name).is_last]
-        protected = set()
-        target = catalog.last_target(self.run_dir, self.last_alias) if self.last_alias else None
-        by_name = {c.name: c for c in managed}
-        if target in by_name:
-            protected.add(by_name[target].manifest.sequence)  # type: ignore[union-attr]
+        managed = [c for c in catalog.scan(self.run_dir, self.reader)
+                   if c.manifest is not None and c.form in (catalog.MANAGED, catalog.IN_DIR) and not c.is_alias
+                   and not parse_name(c.name).is_last and os.path.lexists(c.path)]
+        protected = {c.manifest.sequence for c in managed if c.name in self._alias_targets()}  # type: ignore[union-attr]
         ordered = [c.manifest for c in managed]
         doomed = select_for_deletion(ordered, self.policies, just_committed=just_committed, protected=protected)
         by_sequence = {c.manifest.sequence: c for c in managed}  # type: ignore[union-attr]
         for manifest in doomed:
-            self.delete(by_sequence[manifest.sequence].path)
+            self._delete(by_sequence[manifest.sequence].name)
 
-    def delete(self, path: str) -> None:
-        """Delete a checkpoint crash-safely: rename to a trash name first, then remove."""
+    def _alias_targets(self) -> set[str]:
+        """Names the `last` alias points to (a symlink's target, or the checkpoint an alias copies)."""
+        targets = set()
+        for candidate in catalog.scan(self.run_dir, self.reader):
+            if candidate.alias_of is not None:
+                targets.add(os.path.basename(candidate.alias_of))
+            elif candidate.manifest is not None and candidate.manifest.alias_of is not None:
+                targets.add(candidate.manifest.alias_of)
+        return targets
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        """Delete a checkpoint of this run crash-safely (to trash first, then removed).
+
+        ``name`` is a checkpoint name or a path inside the run directory. Refuses the newest
+        valid checkpoint and the one resolve would pick, unless ``force``.
+        """
         self.open()
-        path = os.path.join(self.run_dir, os.path.basename(path))
-        trash = os.path.join(self.run_dir, trash_name(os.path.basename(path)))
+        name = self._own_name(name)
+        if not force:
+            pick = self.resolve()
+            if pick is not None and pick.name == name:
+                raise UsageError(os.path.join(self.run_dir, name), "refusing to delete the newest valid checkpoint "
+                                 "(the one resume would pick)", hint="pass force=True to delete it anyway")
+        self._delete(name)
+
+    def _own_name(self, name: str) -> str:
+        name = os.fspath(name)
+        if os.sep in name or "/" in name:
+            if os.path.dirname(os.path.abspath(name)) != self.run_dir:
+                raise UsageError(name, f"not a checkpoint of this run directory ({self.run_dir})")
+            name = os.path.basename(name)
+        problem = check_checkpoint_name(name)
+        if problem is not None:
+            raise UsageError(os.path.join(self.run_dir, name), problem)
+        if not os.path.lexists(os.path.join(self.run_dir, name)):
+            raise PathNotFoundError(os.path.join(self.run_dir, name), "no such checkpoint")
+        return name
+
+    def _delete(self, name: str) -> None:
+        """Rename to trash (the name is free at once), remove the records, then the bytes."""
+        path = os.path.join(self.run_dir, name)
+        trash = os.path.join(self.run_dir, TRASH_DIR, internal_name(name, new_token()))
         try:
+            self.storage.makedirs(os.path.dirname(trash))
             self.storage.rename_noreplace(path, trash)
             self.storage.sync_dir(self.run_dir)
+            remove_records(self.storage, self.run_dir, name)
         except OSError as exc:
             raise from_os_error(path, "moving a checkpoint to trash", exc) from exc
         try:
             self.storage.remove_tree(trash)
         except OSError as exc:
             log.warning("[ckptmgr] %s: left in trash, removal failed: %s", trash, exc)
-        append_event(self.run_dir, "delete", invocation=self.invocation, name=os.path.basename(path))
+        append_event(self.run_dir, "delete", invocation=self.invocation, name=name)
 
-    def quarantine(self, path: str, reason: str) -> str:
-        """Move a corrupt checkpoint aside into .ckptmgr/quarantine/ (never deleted)."""
+    def quarantine(self, name: str, reason: str) -> str:
+        """Move a corrupt checkpoint and its records into .ckptmgr/quarantine/ (never deleted)."""
         self.open()
-        qdir = os.path.join(self.run_dir, QUARANTINE_DIR)
-        dest = os.path.join(qdir, f"{os.path.basename(path)}.{int(time.time())}")
+        name = os.path.basename(os.fspath(name))
+        dest = os.path.join(self.run_dir, QUARANTINE_DIR, f"{internal_name(name, new_token())}.{int(time.time())}")
+        path = os.path.join(self.run_dir, name)
         try:
-            self.storage.makedirs(qdir)
-            self.storage.rename_noreplace(path, dest)
-            self.storage.sync_dir(self.run_dir)
-            self.storage.sync_dir(qdir)
+            self.storage.makedirs(dest)
+            if os.path.lexists(path):
+                self.storage.rename_noreplace(path, os.path.join(dest, name))
+                self.storage.sync_dir(self.run_dir)
+            for record in read_records(self.run_dir, self.reader):
+                if (record.manifest.name == name) if record.manifest is not None else record.stem == name:
+                    self.storage.rename_noreplace(record.path, os.path.join(dest, record.filename))
+            self.storage.sync_dir(dest)
         except OSError as exc:
             raise from_os_error(path, "quarantining a corrupt checkpoint", exc) from exc
         log.warning("[ckptmgr] quarantined %s -> %s: %s", path, dest, reason)
-        append_event(self.run_dir, "quarantine", invocation=self.invocation, name=os.path.basename(path),
-                     reason=reason)
+        append_event(self.run_dir, "quarantine", invocation=self.invocation, name=name, reason=reason)
         return dest
 
     def cleanup(self) -> list[str]:
-        """Remove staging and trash leftovers of crashed saves (lock holder only)."""
-        removed = []
-        with os.scandir(self.run_dir) as entries:
-            leftovers = [e.path for e in entries if is_staging(e.name) or is_trash(e.name)]
-        for path in leftovers:
-            try:
-                self.storage.remove_tree(path)
-                removed.append(path)
-            except OSError as exc:
-                log.warning("[ckptmgr] %s: could not remove leftover: %s", path, exc)
-        return removed
+        """Roll back or remove what crashed saves left (lock holder only)."""
+        try:
+            return recover(self.storage, self.run_dir)
+        except OSError as exc:
+            raise from_os_error(self.run_dir, "recovering after an interrupted save", exc) from exc
 
     # -- reading ----------------------------------------------------------
     def checkpoints(self, *, quick: bool = False) -> list[Candidate]:
-        """Every candidate, newest first, each verified (``.result``)."""
-        candidates = catalog.scan(self.run_dir)
-        for c in candidates:
-            if c.alias_of is None and (c.manifest is not None or c.legacy):
-                try:
-                    c.result = verify_checkpoint(c.path, quick=quick, workers=self.workers)
-                except Exception as exc:  # a vanished or foreign entry: report, don't stop
-                    c.problem = str(exc)
+        """Every candidate, newest first, each verified (``.result``) and classified (``.status``)."""
+        if not os.path.isdir(self.run_dir):
+            return []
+        candidates, _ = catalog.inspect(self.run_dir, quick=quick, workers=self.workers, reader=self.reader)
         return candidates
 
     def resolve(self, *, quick: bool = False, quarantine: bool = False, strict: bool = False) -> Checkpoint | None:
-        """The newest checkpoint that verifies.
+        """The newest checkpoint that verifies; None when there is none (or no run directory yet).
 
         ``quarantine`` moves corrupt candidates newer than the pick aside
         (writer only). Nothing is moved when no candidate is valid: then the
@@ -417,21 +548,26 @@ class CheckpointManager:
         ``strict`` raises :class:`NoValidCheckpointError` when candidates exist
         but none verifies, instead of returning None.
         """
+        if not os.path.lexists(self.run_dir):
+            return None
         skipped: list[tuple[Candidate, str]] = []
-        found = catalog.resolve(self.run_dir, quick=quick, on_skip=lambda c, r: skipped.append((c, r)))
+        found = catalog.resolve(self.run_dir, quick=quick, on_skip=lambda c, r: skipped.append((c, r)),
+                                reader=self.reader, workers=self.workers)
         if quarantine and found is not None:
             for candidate, reason in skipped:
-                if not candidate.legacy and candidate.order_key > _key(found):
-                    self.quarantine(candidate.path, reason)
+                corrupt = candidate.result is None or candidate.result.status is Status.CORRUPT
+                if not candidate.legacy and corrupt and candidate.order_key > _key(found):
+                    self.quarantine(candidate.name, reason)
         if found is None and strict and skipped:
             details = "; ".join(f"{c.name}: {r}" for c, r in skipped)
             raise NoValidCheckpointError(self.run_dir, f"{len(skipped)} candidate(s), none valid ({details})",
                                          hint="inspect with `ckptmgr list`; start fresh only on purpose")
         return found
 
-    def load(self, checkpoint: Checkpoint | None = None, *, map_location: Any = "cpu",
+    def load(self, checkpoint: Checkpoint | Candidate | str | None = None, *, map_location: Any = "cpu",
              weights_only: bool = True, force_config: bool = False) -> Any:
-        """Load the newest intact single-payload checkpoint (or ``checkpoint``), verified.
+        """Load the newest intact single-file checkpoint (or the one given: a Checkpoint, a candidate from
+        :meth:`checkpoints`, a name or a path), verified.
 
         Resolution hashes each candidate (one read of its bytes; a corrupt one is
         skipped, and quarantined when this manager holds the writer lock); the
@@ -439,14 +575,17 @@ class CheckpointManager:
         cache, so a resume pays one pass over the data, not two.
         """
         if checkpoint is None:
-            checkpoint = self.resolve(quarantine=self.holds_lock, strict=True)
-            if checkpoint is None:
+            found = self.resolve(quarantine=self.holds_lock, strict=True)
+            if found is None:
                 raise NoValidCheckpointError(self.run_dir, "no checkpoint to load")
         else:
-            result = verify_checkpoint(checkpoint.path, workers=self.workers)
-            if not result.valid:
-                raise InvalidCheckpointError(checkpoint.path, result.reason)
-        return self._load_payload(checkpoint, map_location, weights_only, force_config)
+            path = checkpoint.path if isinstance(checkpoint, (Checkpoint, Candidate)) else \
+                os.path.join(self.run_dir, os.fspath(checkpoint))
+            result = verify_checkpoint(path, workers=self.workers, reader=self.reader)
+            if not result.valid or result.manifest is None:
+                raise InvalidCheckpointError(path, f"refusing to load: {result.reason}")
+            found = Checkpoint(path, result.manifest)
+        return self._load_payload(found, map_location, weights_only, force_config)
 
     def _load_payload(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
                       force_config: bool) -> Any:

@@ -1,19 +1,27 @@
 """Names in a run directory: what they mean and how they are built.
 
 Checkpoint names follow Lightning's ``ModelCheckpoint`` so that users find
-what they expect; everything ckptmgr writes for itself starts with a dot so
-that Lightning, DeepSpeed and ``ls`` leave it alone.
+what they expect; everything ckptmgr writes for itself lives under the hidden
+``.ckptmgr/`` directory, so that Lightning, DeepSpeed and ``ls`` see only
+checkpoints (see docs/FORMAT.md, "A run directory").
 
-=====================================  =========================================
-name                                   meaning
-=====================================  =========================================
-``epoch=3-step=1200.ckpt``             a checkpoint (``step`` and ``epoch`` parsed)
-``step=1200.ckpt``, ``epoch=3.ckpt``   a checkpoint under another template
-``last.ckpt``, ``last-v1.ckpt``        the ``last`` alias (a hint, never trusted)
-``.ckptmgr-staging.<name>.<id>``       a save in progress or abandoned by a crash
-``.ckptmgr-trash.<name>.<id>``         a checkpoint being deleted
-``.ckptmgr/``                          lock, run journal, quarantine
-=====================================  =========================================
+=========================================  ======================================
+name                                       meaning
+=========================================  ======================================
+``epoch=3-step=1200.ckpt``                 a checkpoint (``step`` and ``epoch`` parsed)
+``step=1200.ckpt``, ``epoch=3.ckpt``       a checkpoint under another template
+``last.ckpt``, ``last-v1.ckpt``            the ``last`` alias
+``.ckptmgr/manifests/<stem>.<token>.json`` a commit record: one checkpoint's manifest
+``.ckptmgr/staging/<stem>.<token>``        a save in progress, or abandoned by a crash
+``.ckptmgr/aside/<stem>.<token>``          a directory being replaced (rolled back if the new one never lands)
+``.ckptmgr/trash/<stem>.<token>``          a checkpoint being deleted
+``.ckptmgr/quarantine/<stem>.<unix>.<token>``  a corrupt checkpoint moved aside, with its records
+``.ckptmgr-staging.*``, ``.ckptmgr-trash.*``   format-2 leftovers (still cleaned up)
+=========================================  ======================================
+
+A *stem* is the checkpoint's name, or, for a name too long to carry a suffix
+within the 255-byte limit of a file name, a shortened name plus a hash of the
+whole name: ``<stem>.<token>`` always fits.
 """
 
 from __future__ import annotations
@@ -22,18 +30,30 @@ import os
 import re
 from dataclasses import dataclass
 
-STAGING_PREFIX = ".ckptmgr-staging."
-TRASH_PREFIX = ".ckptmgr-trash."
-SEAL_ASIDE_PREFIX = ".ckptmgr-sealed-original."
+import xxhash
+
 STATE_DIR = ".ckptmgr"
+MANIFESTS_DIR = f"{STATE_DIR}/manifests"
+STAGING_DIR = f"{STATE_DIR}/staging"
+ASIDE_DIR = f"{STATE_DIR}/aside"
+TRASH_DIR = f"{STATE_DIR}/trash"
 QUARANTINE_DIR = f"{STATE_DIR}/quarantine"
+RECORD_SUFFIX = ".json"
+# Format 1 and 2 kept these beside the checkpoints; a writer still cleans them up.
+LEGACY_STAGING_PREFIX = ".ckptmgr-staging."
+LEGACY_TRASH_PREFIX = ".ckptmgr-trash."
+SEAL_ASIDE_PREFIX = ".ckptmgr-sealed-original."
 LAST_NAME = "last.ckpt"
 DEFAULT_TEMPLATE = "epoch={epoch}-step={step}"
 CHECKPOINT_SUFFIX = ".ckpt"
+NAME_MAX = 255  # bytes in one file name (Linux, and the FUSE layers a Volume uses)
+_TOKEN_BYTES = 4  # token: 8 hex characters
+_STEM_MAX = NAME_MAX - 1 - 2 * _TOKEN_BYTES - len(RECORD_SUFFIX) - 8  # room for ".<token>.json" and a tmp suffix
 
 _STEP = re.compile(r"(?:^|[-_/])step=(\d+)")
 _EPOCH = re.compile(r"(?:^|[-_/])epoch=(\d+)")
 _LAST = re.compile(r"^last(?:-v\d+)?(?:\.ckpt)?$")
+_TOKEN = re.compile(r"[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -80,25 +100,59 @@ def versioned(name: str, version: int) -> str:
     return f"{stem}-v{version}{suffix}"
 
 
-def staging_name(target: str, token: str | None = None) -> str:
-    return f"{STAGING_PREFIX}{target}.{token or os.urandom(4).hex()}"
+def check_checkpoint_name(name: str) -> str | None:
+    """Why ``name`` cannot name a checkpoint in a run directory, or None if it can."""
+    if not isinstance(name, str) or not name:
+        return "a checkpoint name must be a non-empty string"
+    if "/" in name or "\x00" in name or name in (".", ".."):
+        return f"a checkpoint name is one path component (no '/'), got {name!r}"
+    if name.startswith("."):
+        return f"names starting with '.' are reserved for ckptmgr's own files, got {name!r}"
+    if len(os.fsencode(name)) > NAME_MAX:
+        return f"a file name is at most {NAME_MAX} bytes; {name[:40]!r}... is {len(os.fsencode(name))}"
+    return None
 
 
-def trash_name(target: str) -> str:
-    return f"{TRASH_PREFIX}{target}.{os.urandom(4).hex()}"
+def new_token() -> str:
+    return os.urandom(_TOKEN_BYTES).hex()
+
+
+def stem(name: str) -> str:
+    """The part of an internal file name that stands for checkpoint ``name`` (always short enough)."""
+    if len(os.fsencode(name)) <= _STEM_MAX:
+        return name
+    short = os.fsencode(name)[: _STEM_MAX - 18].decode("utf-8", "ignore")
+    return f"{short}~{xxhash.xxh3_64_hexdigest(name.encode('utf-8', 'surrogateescape'))}"
+
+
+def internal_name(name: str, token: str) -> str:
+    """``<stem>.<token>``: the name of a staging, aside or trash entry for checkpoint ``name``."""
+    return f"{stem(name)}.{token}"
+
+
+def record_name(name: str, token: str) -> str:
+    """The file name of the manifest of checkpoint ``name`` committed under ``token``."""
+    return f"{internal_name(name, token)}{RECORD_SUFFIX}"
+
+
+def split_internal(filename: str) -> tuple[str, str] | None:
+    """``"<stem>.<token>"`` (an optional ``.json`` removed) -> ``(stem, token)``; None if not of that form."""
+    if filename.endswith(RECORD_SUFFIX):
+        filename = filename[: -len(RECORD_SUFFIX)]
+    head, dot, token = filename.rpartition(".")
+    if not dot or not head or not _TOKEN.fullmatch(token):
+        return None
+    return head, token
 
 
 def is_internal(name: str) -> bool:
-    """Names ckptmgr owns; never candidates."""
+    """Names ckptmgr owns (and hidden files); never candidates."""
     return name.startswith(".")
 
 
-def is_staging(name: str) -> bool:
-    return name.startswith(STAGING_PREFIX)
-
-
-def is_trash(name: str) -> bool:
-    return name.startswith(TRASH_PREFIX)
+def is_legacy_leftover(name: str) -> bool:
+    """A format-2 staging or trash entry beside the checkpoints."""
+    return name.startswith((LEGACY_STAGING_PREFIX, LEGACY_TRASH_PREFIX))
 
 
 def looks_like_checkpoint(name: str) -> bool:

@@ -9,8 +9,10 @@ unsynced data at every step of the commit protocol, instead of patching ``os``.
 and synced, it makes the save durable beyond this machine (a Modal Volume's
 ``commit()``). A save is acknowledged only after the hook returns.
 
-Readers (verify, resolve, list, walk) never go through a Storage: they only
-read, with plain ``os`` calls.
+``Reader`` is the read side's seam: readers (verify, resolve, list, walk)
+open manifests and payload files only through it, so tests inject EIO,
+ESTALE or EACCES on any read (:class:`ckptmgr.testing.FaultyReader`) and
+check that a failed read skips that one candidate, never the whole resolve.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from typing import BinaryIO, Protocol, runtime_checkable
 
 _IOV_MAX = 1024  # pieces per pwritev call (Linux's IOV_MAX)
@@ -39,6 +42,44 @@ class Storage(Protocol):
     def copy_file(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
     def remove_tree(self, path: str) -> None: ...
+
+
+@runtime_checkable
+class Reader(Protocol):
+    def read_small(self, path: str, limit: int) -> bytes: ...
+    def open_read(self, path: str) -> int: ...
+
+
+class LocalReader:
+    """Reads without following symlinks (a link inside a checkpoint is never trusted)."""
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        """At most ``limit`` bytes of a small file (a manifest); refuses anything but a regular file."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+            chunks, left = [], limit
+            while left > 0:
+                data = os.read(fd, min(left, 1 << 20))
+                if not data:
+                    break
+                chunks.append(data)
+                left -= len(data)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def open_read(self, path: str) -> int:
+        """A descriptor to hash from; O_NONBLOCK so that a FIFO never blocks the reader."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return fd
+
+
+LOCAL_READER = LocalReader()
 
 
 class DurabilityHook(Protocol):

@@ -1,15 +1,20 @@
 """Verification: is this checkpoint whole? Read-only, never unpickles.
 
-A managed checkpoint is a directory holding payload files and a manifest. It
-is valid iff the manifest parses (strictly, self-hash included), every listed
-file exists as a regular file with the listed size and xxh3_128, and nothing
-in the directory is a symlink. Files the manifest does not list are reported
-but do not invalidate.
+Three kinds of checkpoint are checked (docs/FORMAT.md, "Where manifests live"):
 
-A legacy checkpoint (a ``torch.save`` / Lightning file or a DeepSpeed
-directory written without ckptmgr) has no manifest; what can be checked is
-the CRC32 torch's zip format stores for every record, which ``torch.load``
-never checks.
+- a **managed checkpoint** (format 3): the file or directory ``RUN/NAME`` and
+  its commit records in ``RUN/.ckptmgr/manifests/``. It is valid iff one of
+  its records matches: every listed file present as a regular file with the
+  listed size and xxh3_128, nothing inside the directory a symlink. The file
+  is hashed once, whatever the number of records;
+- a **directory with its manifest inside** (formats 1 and 2, and ``ckptmgr
+  export`` outputs), checked the same way against that manifest;
+- a **legacy checkpoint** (a ``torch.save`` / Lightning file or a DeepSpeed
+  directory with no record): what can be checked is the CRC32 torch's zip
+  format stores per record, which ``torch.load`` never checks itself.
+
+Every read goes through a :class:`ckptmgr.storage.Reader`; a read that fails
+makes the checkpoint ``unreadable`` with the reason, never an exception.
 """
 
 from __future__ import annotations
@@ -20,18 +25,22 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
+from .errors import CkptMgrError, ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
 from .hashing import FileChanged, hash_files
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
-from .naming import is_internal, looks_like_checkpoint
+from .naming import is_internal, looks_like_checkpoint, stem
+from .records import Record, newest_first, read_records
+from .storage import LOCAL_READER, Reader
 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_Progress = Callable[[int], None] | None
 
 
 class Status(str, enum.Enum):
     VALID = "valid"
     CORRUPT = "corrupt"
+    UNREADABLE = "unreadable"  # a read failed (permission denied, I/O error): not known to be corrupt
     INCOMPLETE = "incomplete"  # a directory with no manifest that is not a legacy layout
     LEGACY_OK = "legacy-ok"  # unsealed; zip CRCs check out
     LEGACY_CORRUPT = "legacy-corrupt"
@@ -50,6 +59,8 @@ class VerifyResult:
     extra_files: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
     bytes_hashed: int = 0
+    notes: list[str] = field(default_factory=list)
+    record: Record | None = None  # the commit record that matched (format 3)
 
     @property
     def valid(self) -> bool:
@@ -60,27 +71,7 @@ class VerifyResult:
         return "; ".join(self.problems) if self.problems else self.status.value
 
 
-def read_manifest(checkpoint_dir: str) -> Manifest:
-    """Read and parse the manifest of the checkpoint directory."""
-    path = os.path.join(checkpoint_dir, MANIFEST_NAME)
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(path, "manifest is not a regular file")
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(64 * 1024 * 1024)
-    except FileNotFoundError as exc:
-        raise ManifestError(path, "manifest is missing") from exc
-    except OSError as exc:
-        raise from_os_error(path, "reading the manifest", exc) from exc
-    return parse_manifest(data, where=path)
-
-
-def has_manifest(path: str) -> bool:
-    return os.path.lexists(os.path.join(path, MANIFEST_NAME))
-
-
+# -- directory listing ----------------------------------------------------------
 def list_tree(root: str) -> tuple[dict[str, int], list[str]]:
     """Regular files under ``root`` (relative path -> size) and anything else found.
 
@@ -115,41 +106,214 @@ def path_size(path: str) -> int:
         return 0
 
 
-def verify_checkpoint(
-    path: str,
-    *,
-    quick: bool = False,
-    workers: int | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-) -> VerifyResult:
-    """Verify one checkpoint (managed or legacy). Never modifies anything."""
+# -- manifests inside a directory (formats 1-2, exports) ---------------------------
+def has_manifest(path: str) -> bool:
+    return os.path.lexists(os.path.join(path, MANIFEST_NAME))
+
+
+def read_manifest(checkpoint_dir: str, reader: Reader = LOCAL_READER) -> Manifest:
+    """Read and parse the manifest inside ``checkpoint_dir`` (formats 1-2, exports)."""
+    path = os.path.join(checkpoint_dir, MANIFEST_NAME)
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(path, "manifest is not a regular file")
+        data = reader.read_small(path, 64 * 1024 * 1024)
+    except FileNotFoundError as exc:
+        raise ManifestError(path, "manifest is missing") from exc
+    except OSError as exc:
+        raise from_os_error(path, "reading the manifest", exc) from exc
+    return parse_manifest(data, where=path)
+
+
+# -- verification ---------------------------------------------------------------
+def verify_checkpoint(path: str, *, quick: bool = False, workers: int | None = None, on_bytes: _Progress = None,
+                      reader: Reader = LOCAL_READER, records: list[Record] | None = None) -> VerifyResult:
+    """Verify one checkpoint (managed or legacy). Never modifies anything.
+
+    ``records``: the run directory's commit records when the caller already
+    read them (a resolve reads them once for every candidate).
+    """
     path = os.fspath(path)
     if not os.path.lexists(path):
         raise PathNotFoundError(path, "no such checkpoint")
-    if os.path.isdir(path) and has_manifest(path):
-        return _verify_managed(path, quick=quick, workers=workers, on_bytes=on_bytes)
-    return verify_legacy(path, quick=quick)
+    run_dir, name = os.path.split(os.path.abspath(path))
+    if records is None:
+        try:
+            records = read_records(run_dir, reader)
+        except OSError:
+            records = []  # the records area cannot be listed: checked as what the path itself shows
+    mine = records_for(name, records)
+    if mine:
+        return verify_named(run_dir, name, mine, quick=quick, workers=workers, on_bytes=on_bytes, reader=reader,
+                            path=path)
+    if os.path.isdir(path) and not os.path.islink(path) and has_manifest(path):
+        return verify_in_dir(path, quick=quick, workers=workers, on_bytes=on_bytes, reader=reader)
+    result = verify_legacy(path, quick=quick)
+    if os.path.isfile(path) and not os.path.islink(path):
+        result.notes.append("no commit record beside it (not managed, or copied out of its run directory): "
+                            "only torch's zip CRC32s were checked")
+    return result
 
 
-def _verify_managed(
-    path: str, *, quick: bool, workers: int | None, on_bytes: Callable[[int], None] | None
-) -> VerifyResult:
+def records_for(name: str, records: Iterable[Record]) -> list[Record]:
+    """The records that belong to checkpoint ``name``: those naming it, and unparseable ones of its stem."""
+    own = stem(name)
+    return [r for r in records if (r.manifest.name == name if r.manifest is not None else r.stem == own)]
+
+
+def verify_named(run_dir: str, name: str, records: list[Record], *, quick: bool = False, workers: int | None = None,
+                 on_bytes: _Progress = None, reader: Reader = LOCAL_READER, path: str | None = None) -> VerifyResult:
+    """Verify the format-3 checkpoint ``RUN/NAME`` against its commit records (the newest that matches wins).
+
+    A file replaced while it is read (a writer saving over the name) is read again, a bounded number of times.
+    """
+    path = path or os.path.join(run_dir, name)
+    for _ in range(3):
+        before = _identity(path)
+        result = _verify_against_records(run_dir, path, records, quick, workers, on_bytes, reader)
+        if result.valid or before is None or _identity(path) == before:
+            return result
+        records = records_for(name, read_records(run_dir, reader))
+    return result
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
     try:
-        manifest = read_manifest(path)
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verify_against_records(run_dir: str, path: str, records: list[Record], quick: bool, workers: int | None,
+                            on_bytes: _Progress, reader: Reader) -> VerifyResult:
+    parsed = newest_first(records)
+    broken = [r for r in records if r.manifest is None]
+    if not parsed:
+        return VerifyResult(path, Status.CORRUPT, [f"{os.path.basename(r.path)}: {r.problem}" for r in broken])
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return VerifyResult(path, Status.CORRUPT, ["payload missing (deleted, or a save interrupted before it "
+                                                   "took its name)"], manifest=parsed[0].manifest)
+    except OSError as exc:
+        return VerifyResult(path, Status.UNREADABLE, [f"cannot stat: {exc.strerror}"], manifest=parsed[0].manifest)
+    if stat.S_ISDIR(st.st_mode):
+        return _verify_directory_records(path, parsed, quick, workers, on_bytes, reader)
+    if not stat.S_ISREG(st.st_mode):
+        return VerifyResult(path, Status.CORRUPT, ["not a regular file (a symlink or special file under the name)"],
+                            manifest=parsed[0].manifest)
+    return _verify_file_records(run_dir, path, st.st_size, parsed, quick, workers, on_bytes, reader)
+
+
+def _verify_file_records(run_dir: str, path: str, size: int, parsed: list[Record], quick: bool, workers: int | None,
+                         on_bytes: _Progress, reader: Reader) -> VerifyResult:
+    files = [r for r in parsed if r.manifest.is_file]  # type: ignore[union-attr]
+    sized = [r for r in files if r.manifest.files[0].size == size]  # type: ignore[union-attr]
+    newest = parsed[0].manifest
+    if not sized:
+        expected = files[0].manifest.files[0].size if files else None  # type: ignore[union-attr]
+        problem = (f"size {size}, manifest says {expected}" if expected is not None
+                   else "a file where the commit record describes a directory")
+        return VerifyResult(path, Status.CORRUPT, [problem], manifest=newest)
+    if quick:
+        return _matched(path, sized[0], parsed, 0)
+    algorithm = sized[0].manifest.hash_algorithm  # type: ignore[union-attr]
+    digest = hash_files([(path, size)], algorithm=algorithm, workers=workers, on_bytes=on_bytes, reader=reader)[0]
+    if isinstance(digest, OSError):
+        return _read_failure(path, digest, newest)
+    for record in sized:
+        if record.manifest.files[0].xxh3_128 == digest:  # type: ignore[union-attr]
+            return _matched(path, record, parsed, size)
+    return VerifyResult(path, Status.CORRUPT, ["xxh3_128 mismatch (content differs from the manifest)"],
+                        manifest=newest, bytes_hashed=size)
+
+
+def _verify_directory_records(path: str, parsed: list[Record], quick: bool, workers: int | None,
+                              on_bytes: _Progress, reader: Reader) -> VerifyResult:
+    first: VerifyResult | None = None
+    digests: dict[tuple[str, int], str | OSError] = {}
+    for record in parsed:
+        manifest = record.manifest
+        assert manifest is not None
+        if manifest.is_file:
+            continue
+        result = _check_tree(path, manifest, quick, workers, on_bytes, reader, digests)
+        if result.valid:
+            result.record = record
+            result.notes += _other_records(parsed, record)
+            return result
+        first = first or result
+    return first or VerifyResult(path, Status.CORRUPT, ["a directory where the commit record describes a file"],
+                                 manifest=parsed[0].manifest)
+
+
+def _matched(path: str, record: Record, parsed: list[Record], hashed: int) -> VerifyResult:
+    result = VerifyResult(path, Status.VALID, manifest=record.manifest, bytes_hashed=hashed, record=record)
+    result.notes += _other_records(parsed, record)
+    return result
+
+
+def _other_records(parsed: list[Record], matched: Record) -> list[str]:
+    """Records of the same name that the bytes do not match: a save over the name that was interrupted
+    (newer) or a replaced one's record not yet removed (older). The writer removes both."""
+    notes = []
+    for record in parsed:
+        if record is matched:
+            continue
+        newer = record.manifest.sequence > matched.manifest.sequence  # type: ignore[union-attr]
+        notes.append(f"{record.filename}: {'unpublished' if newer else 'superseded'} commit record (ignored)")
+    return notes
+
+
+def _read_failure(path: str, error: OSError, manifest: Manifest | None) -> VerifyResult:
+    if isinstance(error, FileChanged):
+        return VerifyResult(path, Status.CORRUPT, ["size changed while reading"], manifest=manifest)
+    return VerifyResult(path, Status.UNREADABLE, [f"unreadable ({error.strerror or error})"], manifest=manifest)
+
+
+def verify_in_dir(path: str, *, quick: bool = False, workers: int | None = None, on_bytes: _Progress = None,
+                  reader: Reader = LOCAL_READER) -> VerifyResult:
+    """A directory holding its own manifest: formats 1-2, and ``ckptmgr export`` outputs."""
+    try:
+        manifest = read_manifest(path, reader)
     except ManifestError as exc:
         return VerifyResult(path, Status.CORRUPT, [exc.message])
+    except CkptMgrError as exc:
+        return VerifyResult(path, Status.UNREADABLE, [exc.message])
+    result = _check_tree(path, manifest, quick, workers, on_bytes, reader, {}, skip={MANIFEST_NAME})
+    if result.valid and not _names_agree(manifest.name, os.path.basename(path)) and manifest.kind != "export":
+        result.status = Status.CORRUPT
+        result.problems.append(f"the manifest is that of {manifest.name!r} (moved or copied from another checkpoint)")
+    return result
+
+
+def _names_agree(recorded: str, actual: str) -> bool:
+    """Format 2 published a save over an existing name as ``NAME-vN`` first, then renamed it to NAME."""
+    if recorded == actual:
+        return True
+    base, suffix = os.path.splitext(recorded)
+    head, _, version = base.rpartition("-v")
+    return bool(head) and version.isdigit() and f"{head}{suffix}" == actual
+
+
+def _check_tree(path: str, manifest: Manifest, quick: bool, workers: int | None, on_bytes: _Progress,
+                reader: Reader, digests: dict[tuple[str, int], str | OSError],
+                skip: frozenset[str] | set[str] = frozenset()) -> VerifyResult:
+    """Check a directory's files against ``manifest`` (``digests`` caches hashes across records)."""
     try:
         present, odd = list_tree(path)
     except OSError as exc:
-        return VerifyResult(path, Status.CORRUPT, [f"cannot list directory: {exc.strerror}"], manifest=manifest)
-    present.pop(MANIFEST_NAME, None)
+        status = Status.UNREADABLE
+        return VerifyResult(path, status, [f"cannot list directory: {exc.strerror}"], manifest=manifest)
+    for name in skip:
+        present.pop(name, None)
     result = VerifyResult(path, Status.VALID, manifest=manifest)
     result.problems += [f"{name}: symlink or special file inside the checkpoint" for name in sorted(odd)]
     listed = {f.path for f in manifest.files}
-    result.problems += [f"{name}: shard listed in the layout but not in the manifest" for name in
-                        missing_shards(manifest.layout, listed)]
     result.extra_files = sorted(set(present) - listed)
-    to_hash = []
+    to_hash: list[FileEntry] = []
     for entry in manifest.files:
         size = present.get(entry.path)
         if size is None:
@@ -159,49 +323,60 @@ def _verify_managed(
             result.problems.append(f"{entry.path}: size {size}, manifest says {entry.size}")
         else:
             to_hash.append(entry)
+    failed_reads = 0
     if not quick and not result.problems:
-        result.problems += _hash_mismatches(path, manifest, to_hash, workers, on_bytes, result)
+        failed_reads = _hash_mismatches(path, manifest, to_hash, workers, on_bytes, reader, digests, result)
     if result.problems:
-        result.status = Status.CORRUPT
+        # Only failed reads: nothing is known to be wrong with the bytes, but they cannot be trusted now.
+        result.status = Status.UNREADABLE if failed_reads == len(result.problems) else Status.CORRUPT
     return result
 
 
-def missing_shards(layout: dict, files: set[str]) -> list[str]:
-    """Shards a sharded (DeepSpeed) layout names that the file list lacks."""
-    shards = layout.get("shards")
-    if not isinstance(shards, dict):
-        return []
-    named = [f for rank_files in shards.values() if isinstance(rank_files, list) for f in rank_files]
-    return sorted(f for f in named if f not in files)
-
-
 def _hash_mismatches(path: str, manifest: Manifest, entries: list[FileEntry], workers: int | None,
-                     on_bytes: Callable[[int], None] | None, result: VerifyResult) -> list[str]:
-    files = [(os.path.join(path, entry.path), entry.size) for entry in entries]
-    digests = hash_files(files, algorithm=manifest.hash_algorithm, workers=workers, on_bytes=on_bytes)
-    problems = []
-    for entry, digest in zip(entries, digests, strict=True):
+                     on_bytes: _Progress, reader: Reader, digests: dict[tuple[str, int], str | OSError],
+                     result: VerifyResult) -> int:
+    """Hash what is not cached yet; add a problem per mismatch to ``result``; return the number of failed reads."""
+    todo = [e for e in entries if (e.path, e.size) not in digests]
+    files = [(os.path.join(path, entry.path), entry.size) for entry in todo]
+    fresh = hash_files(files, algorithm=manifest.hash_algorithm, workers=workers, on_bytes=on_bytes, reader=reader)
+    for entry, digest in zip(todo, fresh, strict=True):
+        digests[(entry.path, entry.size)] = digest
+    failed_reads = 0
+    for entry in entries:
+        digest = digests[(entry.path, entry.size)]
         if isinstance(digest, FileChanged):
-            problems.append(f"{entry.path}: size changed while reading")
+            result.problems.append(f"{entry.path}: size changed while reading")
         elif isinstance(digest, OSError):
-            problems.append(f"{entry.path}: unreadable ({digest.strerror})")
+            result.problems.append(f"{entry.path}: unreadable ({digest.strerror or digest})")
+            failed_reads += 1
         else:
             result.bytes_hashed += entry.size
             if digest != entry.xxh3_128:
-                problems.append(f"{entry.path}: xxh3_128 mismatch (content differs from the manifest)")
-    return problems
+                result.problems.append(f"{entry.path}: xxh3_128 mismatch (content differs from the manifest)")
+    return failed_reads
 
 
+# -- legacy checkpoints -------------------------------------------------------------
 def verify_legacy(path: str, *, quick: bool = False) -> VerifyResult:
     """Check a checkpoint written without ckptmgr: torch zip CRC32s where present."""
-    if os.path.isdir(path) and not is_deepspeed_layout(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        raise from_os_error(path, "reading", exc) from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise NotACheckpointError(path, "not a checkpoint (a symlink or special file)")
+    if stat.S_ISDIR(mode) and not is_deepspeed_layout(path):
         return VerifyResult(path, Status.INCOMPLETE,
                             ["directory has no manifest and no DeepSpeed layout (interrupted or damaged save)"])
     files = _legacy_payload_files(path)
     if not files:
-        if os.path.isdir(path):
+        if stat.S_ISDIR(mode):
             return VerifyResult(path, Status.INCOMPLETE, ["DeepSpeed layout without checkpoint files"])
         raise NotACheckpointError(path, "not a checkpoint (no manifest, not a torch or DeepSpeed file)")
+    if stat.S_ISDIR(mode):
+        missing = deepspeed_missing(path)
+        if missing:
+            return VerifyResult(path, Status.LEGACY_CORRUPT, [missing])
     problems: list[str] = []
     checked = 0
     for file in files:
@@ -217,7 +392,8 @@ def verify_legacy(path: str, *, quick: bool = False) -> VerifyResult:
     if problems:
         return VerifyResult(path, Status.LEGACY_CORRUPT, problems)
     status = Status.LEGACY_OK if checked else Status.LEGACY_UNCHECKED
-    note = [] if checked else ["legacy checkpoint without zip records: nothing to check"]
+    note = [] if checked else ["legacy checkpoint without zip CRC32s (old pickle format, or written with torch's "
+                               "CRC32 turned off): nothing to check"]
     return VerifyResult(path, status, note if not quick else [])
 
 
@@ -231,10 +407,41 @@ def is_deepspeed_layout(path: str) -> bool:
         return False
 
 
+def deepspeed_missing(path: str) -> str | None:
+    """What a DeepSpeed directory lacks to be loadable: the tag ``latest`` names, or the model states file."""
+    tag = "checkpoint"
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        try:
+            with open(latest, encoding="utf-8", errors="replace") as f:
+                tag = f.read(4096).strip()
+        except OSError as exc:
+            return f"latest unreadable ({exc.strerror})"
+        if not tag or "/" in tag or tag in (".", ".."):
+            return f"latest names no usable tag ({tag!r})"
+    tag_dir = os.path.join(path, tag)
+    if not os.path.isdir(tag_dir):
+        if any(n.startswith("mp_rank_") for n in os.listdir(path)):
+            tag_dir = path  # the tag directory itself was given
+        else:
+            return f"latest names tag {tag!r}, which is not there"
+    try:
+        names = os.listdir(tag_dir)
+    except OSError as exc:
+        return f"{tag}: unreadable ({exc.strerror})"
+    if not any(n.startswith("mp_rank_") and n.endswith("_model_states.pt") for n in names) and not any(
+            n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):
+        return f"{tag}: no model states file (mp_rank_*_model_states.pt)"
+    return None
+
+
 def _legacy_payload_files(path: str) -> list[str]:
     if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return [path]
         is_torch_like = head == ZIP_MAGIC or head[:1] == b"\x80" or path.endswith(LEGACY_SUFFIXES)
         return [path] if is_torch_like else []
     if not os.path.isdir(path):
@@ -247,7 +454,8 @@ def check_zip_crc(path: str) -> str | None:
     """Check every record's CRC32 in a torch zip checkpoint.
 
     Returns ``""`` when all records check out, a problem description when
-    they do not, and ``None`` when the file is not a zip (old pickle format).
+    they do not, and ``None`` when there is nothing to check (the old pickle
+    format, or a zip written with torch's CRC32 option off).
     """
     try:
         with open(path, "rb") as f:
@@ -271,13 +479,23 @@ def check_zip_crc(path: str) -> str | None:
     return "" if bad is None else f"CRC32 mismatch in record {bad!r}"
 
 
-def candidate_names(run_dir: str) -> Iterable[str]:
-    """Entries of a run directory that could be checkpoints (internal names excluded)."""
-    with os.scandir(run_dir) as entries:
-        for entry in entries:
-            if is_internal(entry.name):
-                continue
-            if looks_like_checkpoint(entry.name) or (
-                entry.is_dir(follow_symlinks=False) and has_manifest(entry.path)
-            ):
-                yield entry.name
+def looks_like_legacy(path: str, name: str) -> bool:
+    """An entry a trainer could have written as a checkpoint: a torch-like file or a checkpoint-named directory."""
+    if is_internal(name) or not looks_like_checkpoint(name):
+        return False
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISDIR(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        return False
+    if name.endswith(LEGACY_SUFFIXES):
+        return True
+    return os.path.splitext(name)[1] == ""  # "last", "step=10": a name with no extension
+
+
+__all__ = ["Status", "VerifyResult", "check_zip_crc", "has_manifest", "is_deepspeed_layout", "list_tree",
+           "path_size", "read_manifest", "records_for", "verify_checkpoint", "verify_in_dir", "verify_legacy",
+           "verify_named"]

@@ -43,11 +43,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def cmd_walk(args: argparse.Namespace, out: Output) -> int:
-    from ..walk import find_runs, inspect_run
+    from ..walk import RunReport, estimated_bytes, find_runs, inspect_run
 
-    runs = find_runs(args.root)
-    with out.progress("walking", 0 if args.quick else _estimated_bytes(runs)) as advance:
+    runs, unreadable = find_runs(args.root)
+    with out.progress("walking", 0 if args.quick else estimated_bytes(runs)) as advance:
         reports = [inspect_run(run, quick=args.quick, on_bytes=advance) for run in runs]
+    reports += [RunReport(item["path"], error=item["reason"]) for item in unreadable]
     data = {"root": os.path.abspath(args.root), "mode": "quick" if args.quick else "full",
             "runs": [r.as_dict() for r in reports], "problems": sum(r.problems for r in reports)}
     data["all_valid"] = data["problems"] == 0
@@ -55,50 +56,39 @@ def cmd_walk(args: argparse.Namespace, out: Output) -> int:
     return 0 if data["all_valid"] else 1
 
 
-def _estimated_bytes(runs: list[str]) -> int:
-    total = 0
-    for run in runs:
-        for c in catalog.scan(run):
-            if c.manifest is not None:
-                total += c.manifest.total_bytes
-    return total
-
-
 def _render_walk(out: Output, data: dict[str, Any]) -> None:
-    from rich.tree import Tree
-
-    tree = Tree(f"{data['root']} ({data['mode']} check)")
+    """One line per run, checkpoint, problem and leftover; every line whole (nothing cropped off a terminal)."""
+    out.line(f"{data['root']} ({data['mode']} check)")
     for run in data["runs"]:
-        colour = "green" if run["problems"] == 0 else "red"
-        branch = tree.add(f"[{colour}]{run['path']}[/]  {run['checkpoint_count']} checkpoints, "
-                          f"{human_bytes(run['total_bytes'])}, last commit {human_age(run['last_commit_unix'])} ago,"
-                          f" resume: {run['resume'] or 'nothing valid'}")
+        if run["error"]:
+            out.line(f"  {run['path']}: cannot be read: {run['error']}", style="red")
+            continue
+        out.line(f"  {run['path']}  {run['checkpoint_count']} checkpoints, {human_bytes(run['total_bytes'])}, "
+                 f"last commit {human_age(run['last_commit_unix'])} ago, resume: {run['resume'] or 'nothing valid'}",
+                 style="green" if run["problems"] == 0 else "red")
         for c in run["checkpoints"]:
             ok = c["status"] in ("valid", "legacy-ok", "legacy-unchecked", "alias")
-            label = f"-> {c['alias_of']}" if c["alias_of"] else c["status"]
-            node = branch.add(f"[{'green' if ok else 'red'}]{label:>16}[/]  {c['name']}  "
-                              f"step {c['step'] if c['step'] is not None else '-'}  {human_bytes(c['bytes'])}")
+            label = f"-> {c['alias_of']}" if c["status"] == "alias" else c["status"]
+            step = c["step"] if c["step"] is not None else "-"
+            out.line(f"    {label:>16}  {c['name']}  step {step}  {human_bytes(c['bytes'])}",
+                     style="green" if ok else "red")
             for problem in c["problems"]:
-                node.add(problem)
+                out.line(f"{'':>22}{problem}")
         for item in run["leftovers"]:
-            branch.add(f"[yellow]{item['kind']:>16}[/]  {item['path']}")
-    out.console.print(tree)
-    out.console.print(f"{len(data['runs'])} run(s), {data['problems']} problem(s)")
+            out.line(f"    {item['kind']:>16}  {item['path']}", style="yellow")
+    out.line(f"{len(data['runs'])} run(s), {data['problems']} problem(s)")
 
 
 def cmd_estimate(args: argparse.Namespace, out: Output) -> int:
+    from ..durations import parse_duration
     from ..history import estimate
     from ..journal import read_events
-    from ..lightning.stopping import parse_duration
 
     if args.total_steps is None and args.epochs is not None and args.steps_per_epoch is not None:
         args.total_steps = args.epochs * args.steps_per_epoch
     elif args.total_steps is not None and (args.epochs is not None or args.steps_per_epoch is not None):
         raise UsageError(None, "give --total-steps, or --epochs with --steps-per-epoch, not both")
-    try:
-        limit = parse_duration(args.time_limit)
-    except ValueError as exc:
-        raise UsageError(None, str(exc)) from exc
+    limit = parse_duration(args.time_limit)
     found = catalog.resolve(args.run_dir, quick=True)
     result = estimate(read_events(args.run_dir), total_steps=args.total_steps, time_limit_s=limit,
                       current_step=found.step if found else None)

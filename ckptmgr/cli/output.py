@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +33,15 @@ class Output:
             self._err_console = Console(stderr=True, highlight=False, soft_wrap=True)
         return self._err_console
 
+    @property
+    def styled(self) -> bool:
+        """Rich styling on a terminal; off one (a pipe, Modal's logs, CI) every line is printed whole."""
+        return sys.stdout.isatty()
+
     def line(self, text: str, *, style: str | None = None) -> None:
         """One line for people: styled by rich on a terminal, plain otherwise (rich is not even imported)."""
-        if sys.stdout.isatty():
+        text = printable(text)
+        if self.styled:
             self.console.print(text, style=style, markup=False)
         else:
             sys.stdout.write(text + "\n")
@@ -42,13 +49,15 @@ class Output:
     def result(self, data: Any, render: Callable[[Any], None]) -> None:
         """Emit the command's result: JSON for machines, ``render`` for people."""
         if self.as_json:
-            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            sys.stdout.write(json.dumps(_finite(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
         else:
             render(data)
 
     def warn(self, message: str) -> None:
-        if not self.as_json:
-            self.err.print(f"[yellow]warning:[/] {message}", markup=True)
+        message = printable(message)
+        if not self.as_json and sys.stderr.isatty():
+            self.err.print("warning:", style="yellow", end=" ")
+            self.err.print(message, markup=False)
         else:
             sys.stderr.write(f"warning: {message}\n")
 
@@ -84,6 +93,23 @@ class LazyBar:
     def close(self) -> None:
         if self._context is not None:
             self._context.__exit__(None, None, None)
+
+
+def _finite(data: Any) -> Any:
+    """JSON has no NaN or infinity: such a number is written as null."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def printable(text: str) -> str:
+    """``text`` as stdout can encode it: a file name that is not UTF-8 shows as escapes, never a traceback."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def human_bytes(n: int | None) -> str:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from .. import catalog
+from ..aliases import read_support
 from ..errors import NotACheckpointError, PathNotFoundError
-from ..manifest import MANIFEST_NAME
-from ..verify import Status, VerifyResult, has_manifest, is_deepspeed_layout, path_size, verify_checkpoint
+from ..records import read_records
+from ..verify import Status, VerifyResult, has_manifest, is_deepspeed_layout, path_size, records_for, verify_checkpoint
 from .output import Output, human_age, human_bytes
 
 EXIT_OK, EXIT_INVALID = 0, 1
@@ -44,9 +46,10 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("seal", parents=[common], help="adopt a legacy checkpoint into the managed format",
-                       description="Check a legacy checkpoint's zip CRC32s, then give it a manifest: a DeepSpeed "
-                                   "directory is sealed in place; a single file X becomes the directory X/ holding "
-                                   "checkpoint.pt. Refuses corrupt checkpoints.")
+                       description="Check a legacy checkpoint (zip CRC32s; for DeepSpeed, that `latest` names a "
+                                   "tag holding the model states), then publish its commit record in the run's "
+                                   ".ckptmgr/: the file or directory stays where it is, byte for byte. Refuses "
+                                   "corrupt checkpoints, symlinks and run directories.")
     p.add_argument("path")
     p.add_argument("--step", type=int, default=None, help="step, when the name has no step=N")
     p.add_argument("--epoch", type=int, default=None, help="epoch, when the name has no epoch=N")
@@ -56,12 +59,13 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 # -- verify ---------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    paths = _verify_targets(args.path)
-    results: list[VerifyResult] = []
-    total = sum(path_size(os.path.realpath(p)) for p in paths) if not args.quick else 0
-    with out.progress("verifying", total) as advance:
-        for path in paths:
-            results.append(verify_checkpoint(path, quick=args.quick, workers=args.workers, on_bytes=advance))
+    if not os.path.lexists(args.path):
+        raise PathNotFoundError(args.path, "no such file or directory")
+    with out.progress("verifying", 0 if args.quick else _bytes_to_hash(args.path)) as advance:
+        if is_run_directory(args.path):
+            results = _verify_run(args.path, args.quick, args.workers, advance)
+        else:
+            results = [verify_checkpoint(args.path, quick=args.quick, workers=args.workers, on_bytes=advance)]
     data = {
         "path": os.path.abspath(args.path),
         "mode": "quick" if args.quick else "full",
@@ -72,16 +76,30 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK if data["all_valid"] else EXIT_INVALID
 
 
-def _verify_targets(path: str) -> list[str]:
-    """A checkpoint verifies alone; a run directory verifies each of its candidates."""
-    if not os.path.lexists(path):
-        raise PathNotFoundError(path, "no such file or directory")
-    if not os.path.isdir(path) or has_manifest(path) or is_deepspeed_layout(path):
-        return [path]
-    names = [c.path for c in catalog.scan(path) if c.alias_of is None]
-    if not names:
-        raise NotACheckpointError(path, "no checkpoints here (not a checkpoint, not a run directory)")
-    return names
+def _bytes_to_hash(path: str) -> int:
+    return path_size(path)
+
+
+def _verify_run(run_dir: str, quick: bool, workers: int | None, on_bytes: Any) -> list[VerifyResult]:
+    """Each candidate of a run directory (aliases excluded), classified as `list` and `walk` classify it."""
+    results = []
+    for c in catalog.scan(run_dir):
+        if c.form == catalog.ALIAS:
+            continue
+        if not catalog.classify(run_dir, c, quick=quick, workers=workers, on_bytes=on_bytes):
+            continue  # rotated away by a live writer while we verified the run
+        results.append(c.result or VerifyResult(c.path, Status(c.status), list(c.problems)))
+    if not results:
+        raise NotACheckpointError(run_dir, "no checkpoints here (not a checkpoint, not a run directory)")
+    return results
+
+
+def is_run_directory(path: str) -> bool:
+    """A directory that holds checkpoints, as opposed to a directory that is one."""
+    if not os.path.isdir(path) or os.path.islink(path) or has_manifest(path) or is_deepspeed_layout(path):
+        return False
+    run_dir, name = os.path.split(os.path.abspath(path))
+    return not records_for(name, read_records(run_dir))
 
 
 def _result_dict(r: VerifyResult) -> dict[str, Any]:
@@ -92,13 +110,16 @@ def _result_dict(r: VerifyResult) -> dict[str, Any]:
         "status": r.status.value,
         "valid": r.status.ok,
         "problems": r.problems,
+        "notes": r.notes,
         "extra_files": r.extra_files,
+        "format_version": m.format_version if m else None,
         "step": m.step if m else None,
         "epoch": m.epoch if m else None,
         "sequence": m.sequence if m else None,
         "bytes": m.total_bytes if m else None,
         "files": len(m.files) if m else None,
         "bytes_hashed": r.bytes_hashed,
+        "record": r.record.path if r.record else None,
     }
 
 
@@ -107,6 +128,8 @@ def _render_verify(out: Output, results: list[VerifyResult]) -> None:
         out.line(f"{r.status.value:>16}  {r.path}", style="green" if r.status.ok else "red")
         for problem in r.problems:
             out.line(f"{'':>18}{problem}")
+        for note in r.notes:
+            out.line(f"{'':>18}note: {note}")
         for extra in r.extra_files:
             out.line(f"{'':>18}note: {extra}: not listed in the manifest")
     bad = sum(not r.status.ok for r in results)
@@ -115,30 +138,33 @@ def _render_verify(out: Output, results: list[VerifyResult]) -> None:
 
 # -- list -----------------------------------------------------------------
 def list_rows(run_dir: str, *, quick: bool) -> tuple[list[dict[str, Any]], str | None]:
-    """One row per candidate (newest first) and the name resume would pick."""
-    rows, pick = [], None
-    for c in catalog.scan(run_dir):
-        row: dict[str, Any] = {"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch,
-                               "sequence": c.manifest.sequence if c.manifest else None,
-                               "bytes": c.manifest.total_bytes if c.manifest else (
-                                   None if c.alias_of else path_size(c.path)),
-                               "created_unix": c.manifest.created_unix if c.manifest else None,
-                               "alias_of": c.alias_of, "problems": [], "resume": False}
-        if c.alias_of is not None:
-            row["status"] = "alias"
-            target = os.path.join(run_dir, c.alias_of)
-            if not os.path.lexists(target):
-                row["status"], row["problems"] = "dangling-alias", [f"points to missing {c.alias_of}"]
-        elif c.manifest is None and not c.legacy:
-            status = Status.INCOMPLETE if (c.problem or "").startswith("no manifest") else Status.CORRUPT
-            row["status"], row["problems"] = status.value, [c.problem]
-        else:
-            result = verify_checkpoint(c.path, quick=quick)
-            row["status"], row["problems"] = result.status.value, result.problems
-            if pick is None and result.status is Status.VALID:
-                pick, row["resume"] = c.name, True
-        rows.append(row)
-    return rows, pick
+    """One row per candidate (newest first) and the name resume would pick (the one classifier: catalog.inspect)."""
+    candidates, pick = catalog.inspect(run_dir, quick=quick)
+    support = read_support(run_dir)
+    rows = []
+    for c in candidates:
+        m = c.verified_manifest or c.manifest
+        rows.append({"name": c.name, "path": c.path, "step": c.step, "epoch": c.epoch,
+                     "sequence": m.sequence if m else None,
+                     "bytes": m.total_bytes if m else (None if c.form == catalog.ALIAS else path_size(c.path)),
+                     "created_unix": m.created_unix if m else None, "status": c.status, "problems": c.problems,
+                     "alias_of": c.alias_of or (m.alias_of if m else None), "alias": _alias_kind(c, support),
+                     "format_version": m.format_version if m else None, "resume": c is pick})
+    return rows, pick.name if pick is not None else None
+
+
+def _alias_kind(c: catalog.Candidate, support: Any) -> str | None:
+    """How an alias is held here: a symlink, a hard link, or a full copy (where links are not supported)."""
+    if c.form == catalog.ALIAS:
+        return "symlink"
+    m = c.verified_manifest or c.manifest
+    if m is None or m.alias_of is None:
+        return None
+    try:
+        links = os.lstat(c.path).st_nlink if m.is_file else 2
+    except OSError:
+        return None
+    return "hardlink" if links > 1 else "full-copy"
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
@@ -149,23 +175,30 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def _render_list(out: Output, rows: list[dict[str, Any]], pick: str | None) -> None:
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for col in ("", "name", "step", "epoch", "seq", "size", "age", "status"):
-        table.add_column(col, justify="right" if col in ("step", "epoch", "seq", "size") else "left", no_wrap=True)
+    columns = ("", "name", "step", "epoch", "seq", "size", "age", "status")
+    table = []
     for row in rows:
         status = row["status"]
-        colour = "green" if status in ("valid", "legacy-ok") else "dim" if status == "alias" else "red"
-        shown = f"-> {row['alias_of']}" if row["alias_of"] else status
-        table.add_row("*" if row["resume"] else "", row["name"], _dash(row["step"]), _dash(row["epoch"]),
-                      _dash(row["sequence"]), human_bytes(row["bytes"]), human_age(row["created_unix"]),
-                      f"[{colour}]{shown}[/]")
-    out.console.print(table)
+        if row["alias_of"]:
+            status = f"{status}, {row['alias'] or 'alias'} of {row['alias_of']}" if status != "alias" else \
+                f"symlink -> {row['alias_of']}"
+        table.append(("*" if row["resume"] else "", row["name"], _dash(row["step"]), _dash(row["epoch"]),
+                      _dash(row["sequence"]), human_bytes(row["bytes"]), human_age(row["created_unix"]), status))
+    widths = [max([len(columns[i])] + [len(r[i]) for r in table]) for i in range(len(columns))]
+    right = {2, 3, 4, 5}
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                                  strict=True)))
+
+    out.line(fmt(columns).rstrip())
+    for row, cells in zip(rows, table, strict=True):
+        ok = row["status"] in ("valid", "legacy-ok", "legacy-unchecked", "alias")
+        out.line(fmt(cells).rstrip(), style="green" if ok else "red")
     for row in rows:
         for problem in row["problems"]:
-            out.console.print(f"  {row['name']}: {problem}", markup=False)
-    out.console.print(f"resume would pick: {pick or 'nothing (no valid checkpoint)'}")
+            out.line(f"  {row['name']}: {problem}")
+    out.line(f"resume would pick: {pick or 'nothing (no valid checkpoint)'}")
 
 
 def _dash(value: object) -> str:
@@ -191,9 +224,9 @@ def cmd_resolve(args: argparse.Namespace, out: Output) -> int:
 
     def render(d: dict[str, Any]) -> None:
         if found is not None:
-            print(found.load_path)
+            out.line(found.load_path)
         else:
-            out.err.print("no valid checkpoint", markup=False)
+            sys.stderr.write("no valid checkpoint\n")
 
     out.result(data, render)
     return EXIT_OK if found is not None else EXIT_INVALID
@@ -206,7 +239,8 @@ def cmd_seal(args: argparse.Namespace, out: Output) -> int:
     checkpoint = seal(args.path, step=args.step, epoch=args.epoch, allow_unchecked=args.allow_unchecked)
     data = {"path": checkpoint.path, "load_path": checkpoint.load_path, "step": checkpoint.step,
             "epoch": checkpoint.epoch, "sequence": checkpoint.sequence, "files": len(checkpoint.manifest.files),
-            "bytes": checkpoint.manifest.total_bytes, "manifest": os.path.join(checkpoint.path, MANIFEST_NAME)}
-    out.result(data, lambda d: out.console.print(
-        f"sealed {d['path']} (step {d['step']}, {d['files']} files, {human_bytes(d['bytes'])})", markup=False))
+            "bytes": checkpoint.manifest.total_bytes}
+    out.result(data, lambda d: out.line(
+        f"sealed {d['path']} (step {d['step']}, {d['files']} file(s), {human_bytes(d['bytes'])}); "
+        "the payload was not moved"))
     return EXIT_OK

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from ..catalog import Checkpoint
 from ..commit import ManifestFields, StagedCheckpoint, abandon
 from ..errors import CkptMgrError, InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
-from ..naming import staging_name
+from ..naming import LEGACY_STAGING_PREFIX, internal_name, new_token
 from ..storage import LocalStorage
 from ..verify import Status, has_manifest, read_manifest, verify_checkpoint
 from .writers import Planned, plan_shards, safetensors_header, write_tensor_bytes
@@ -90,10 +91,11 @@ def _check_source(src: str, force: bool) -> tuple[str, str, int]:
             raise InvalidCheckpointError(src, f"refusing to export a corrupt checkpoint: {result.reason}",
                                          hint="--force exports it anyway")
         log.warning("[ckptmgr] exporting %s although it does not verify (--force): %s", src, result.reason)
-    if os.path.isdir(src) and has_manifest(src):
-        manifest = result.manifest or read_manifest(src)
-        inner = src if manifest.load_path == "." else os.path.join(src, manifest.load_path)
-        return inner, f"managed {manifest.kind}", manifest.step
+    manifest = result.manifest
+    if manifest is None and os.path.isdir(src) and has_manifest(src):
+        manifest = read_manifest(src)  # a corrupt format-2 checkpoint exported with --force
+    if manifest is not None:
+        return Checkpoint(os.path.abspath(src), manifest).load_path, f"managed {manifest.kind}", manifest.step
     return src, "legacy", 0
 
 
@@ -129,15 +131,17 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
                             f"{stem}{suffix}.index.json",
                             metadata={"source": os.path.abspath(src), "source_kind": kind, "format": fmt,
                                       "dtype": str(cast or "keep"), "zero_stage": getattr(reader, "stage", None)})
-    parent = os.path.dirname(out)
-    staged = StagedCheckpoint(LocalStorage(), parent, staging_name(os.path.basename(out)), fields)
+    parent, name = os.path.split(out)
+    token = new_token()
+    staged = StagedCheckpoint(LocalStorage(), parent, name, token, fields,
+                              path=os.path.join(parent, f"{LEGACY_STAGING_PREFIX}{internal_name(name, token)}"))
     staged.create()
     try:
         stream = ((renamed[n], _cast(t, cast)) for n, t in reader.tensors())
         _write(staged, shards, names, stream, fmt, on_tensor)
         if len(shards) > 1:
             _write_index(staged, shards, stem, suffix)
-        staged.finalize(name=os.path.basename(out), sequence=0)
+        staged.finalize_standalone()
     except BaseException:
         abandon(staged.storage, staged.path)
         raise

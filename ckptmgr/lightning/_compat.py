@@ -1,13 +1,13 @@
-"""Both Lightning namespaces, without the user caring which one they import.
+"""Two Lightning namespaces, one class per namespace.
 
 ``lightning.pytorch`` (package ``lightning``) and ``pytorch_lightning``
 (package ``pytorch-lightning``) ship the same code as two distinct class
-hierarchies: a callback subclassing one is rejected by the other's Trainer.
-Our callbacks therefore subclass the base of every installed namespace, so the
-Trainer's ``isinstance`` checks pass for either. Where a base class carries
-logic (``ModelCheckpoint``), the object specialises itself to the namespace of
-the Trainer it is attached to, at ``setup`` (:func:`specialise`), so only one
-namespace's code ever runs against that Trainer.
+hierarchies: a Trainer of one only takes callbacks and plugins built on its
+own base classes. ckptmgr therefore builds its classes twice, from the same
+behaviour mixins: ``ckptmgr.lightning`` on ``lightning.pytorch`` and
+``ckptmgr.pytorch_lightning`` on ``pytorch_lightning``. A callback handed to
+the other namespace's Trainer is refused with a message naming the right
+import, rather than half-working.
 """
 
 from __future__ import annotations
@@ -16,60 +16,49 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+CKPTMGR_MODULES = {"lightning.pytorch": "ckptmgr.lightning", "pytorch_lightning": "ckptmgr.pytorch_lightning"}
 
 
-def installed() -> list[ModuleType]:
-    modules = []
-    for name in NAMESPACES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    if not modules:
-        raise ImportError("ckptmgr.lightning needs `lightning` or `pytorch-lightning`: "
-                          "pip install 'ckptmgr[lightning]'")
-    return modules
-
-
-def bases(attribute: str) -> tuple[type, ...]:
-    """``bases("callbacks.ModelCheckpoint")`` -> that class from every installed namespace."""
-    found = []
-    for module in installed():
-        obj: Any = module
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-        found.append(obj)
-    return tuple(found)
-
-
-def namespace_of(trainer: object) -> str:
+def namespace_of_trainer(trainer: object) -> str:
     """``"lightning.pytorch"`` or ``"pytorch_lightning"``, from the Trainer's own module."""
     module = type(trainer).__module__
     return "pytorch_lightning" if module.startswith("pytorch_lightning") else "lightning.pytorch"
 
 
-def fabric_checkpoint_io_bases() -> tuple[type, ...]:
-    found = []
-    for name in ("lightning.fabric.plugins", "lightning_fabric.plugins"):
-        try:
-            found.append(importlib.import_module(name).CheckpointIO)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+def namespace_of(obj: object) -> str:
+    """The namespace a ckptmgr callback was built for (from the Lightning class it derives from)."""
+    for base in type(obj).__mro__:
+        if base.__module__.startswith("pytorch_lightning."):
+            return "pytorch_lightning"
+        if base.__module__.startswith("lightning.pytorch."):
+            return "lightning.pytorch"
+    return "lightning.pytorch"
 
 
-_SPECIALISED: dict[tuple[type, str], type] = {}
+def module_for(obj: object) -> ModuleType:
+    """``ckptmgr.lightning`` or ``ckptmgr.pytorch_lightning``: the module whose classes match ``obj``."""
+    return importlib.import_module(CKPTMGR_MODULES[namespace_of(obj)])
 
 
-def specialise(obj: Any, trainer: object, mixin: type, attribute: str) -> None:
-    """Re-class ``obj`` as ``mixin`` + the Trainer's own namespace's ``attribute`` class."""
-    namespace = namespace_of(trainer)
-    key = (mixin, namespace)
-    if key not in _SPECIALISED:
-        base: Any = importlib.import_module(namespace)
-        for part in attribute.split("."):
-            base = getattr(base, part)
-        _SPECIALISED[key] = type(type(obj).__name__, (mixin, base), {"__module__": type(obj).__module__})
-    if type(obj) is not _SPECIALISED[key]:
-        obj.__class__ = _SPECIALISED[key]
+def check_namespace(callback: object, trainer: object) -> None:
+    ours, theirs = namespace_of(callback), namespace_of_trainer(trainer)
+    if ours != theirs:
+        raise TypeError(f"{type(callback).__name__} from {CKPTMGR_MODULES[ours]} is built for {ours}, but this "
+                        f"Trainer is {theirs}'s: import it from {CKPTMGR_MODULES[theirs]} instead")
+
+
+def require(namespace: str) -> Any:
+    try:
+        return importlib.import_module(namespace)
+    except ImportError as exc:
+        package = "lightning" if namespace == "lightning.pytorch" else "pytorch-lightning"
+        other = "ckptmgr.pytorch_lightning" if namespace == "lightning.pytorch" else "ckptmgr.lightning"
+        raise ImportError(f"{CKPTMGR_MODULES[namespace]} needs `{package}` ({exc}); pip install 'ckptmgr[lightning]'"
+                          f", or use {other} if you train with the other namespace") from exc
+
+
+def fabric_checkpoint_io(namespace: str) -> type:
+    """The CheckpointIO base class of a namespace's fabric package."""
+    name = "lightning.fabric.plugins" if namespace == "lightning.pytorch" else "lightning_fabric.plugins"
+    return importlib.import_module(name).CheckpointIO
+

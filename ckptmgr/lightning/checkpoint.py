@@ -1,33 +1,42 @@
-"""ManagedCheckpoint: Lightning's ModelCheckpoint, with every save committed by ckptmgr.
+"""ManagedCheckpoint's behaviour: Lightning's ModelCheckpoint, with every save committed by ckptmgr.
 
-Every argument of ``ModelCheckpoint`` keeps its meaning (names, top-k, triggers,
-``save_last`` including ``"link"``, version counter); what changes is how bytes
-reach the disk:
+Lightning's own ``ModelCheckpoint`` code decides everything it always decided
+(names, ``filename`` templates, the version counter, top-k by monitor,
+``every_n_*`` and time triggers, ``save_last``, which checkpoints to remove,
+the callback state saved in checkpoints). This mixin replaces only the three
+places where bytes reach the disk, through public overridable methods:
 
-- each save is staged beside its final name and published by the manager's
-  commit protocol (hash, fsync, manifest last, rename, durability hook);
-  all ranks write into the same staging directory (DeepSpeed shards too) and
-  global rank 0 publishes after a barrier;
-- a checkpoint is a directory named as Lightning would name the file
-  (``epoch=0-step=100.ckpt/``) holding ``checkpoint.pt`` (or DeepSpeed's
-  layout); ``ManagedCheckpointIO`` lets ``trainer.fit(ckpt_path=...)``,
-  ``ckpt_path="best"`` and ``"last"`` load it, verified;
-- ``last`` is an atomic alias, never a second full write;
-- removals (top-k) are crash-safe deletions that never touch the newest;
-- the RNG states of every rank travel in the checkpoint, for exact resume.
+- ``_save_checkpoint``: the save is staged in the run's hidden ``.ckptmgr/``
+  and published by the manager's commit protocol (hash while written, fsync,
+  commit record, rename onto the name Lightning chose, durability hook). A
+  single-payload checkpoint is the ``.ckpt`` file itself, byte for byte what
+  ``torch.save`` writes; a DeepSpeed checkpoint is DeepSpeed's own directory,
+  every rank's shards hashed by the rank that wrote them. ``save_last=True``
+  after a save at the same step publishes ``last.ckpt`` as a hard link with its
+  own commit record (a real file, no second write; a copy where links are not
+  supported).
+- ``_link_checkpoint`` (``save_last="link"``): an atomic symlink swap.
+- ``_remove_checkpoint``: a crash-safe deletion (to trash, records, then bytes).
+
+The RNG states of every rank travel in the checkpoint, for exact resume.
+Which Lightning namespace a class belongs to is decided by the module that
+builds it (``ckptmgr.lightning`` or ``ckptmgr.pytorch_lightning``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: LightningCLI and jsonargparse read __init__'s annotations
+# as real types (``inspect.signature(ManagedCheckpoint)`` must show what ModelCheckpoint's shows).
+import datetime
 import logging
 import os
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+from weakref import proxy
 
-from ..manager import PAYLOAD_NAME, CheckpointManager
+from .. import aliases
+from ..errors import UsageError
+from ..manager import CheckpointManager
 from ..storage import DurabilityHook
-from ..verify import Status, has_manifest, verify_checkpoint
 from . import _compat, rng
 
 if TYPE_CHECKING:
@@ -36,42 +45,86 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_KEY = "ckptmgr"
+_PARENT_NAME = "ModelCheckpoint"
 
 
-class _ManagedCheckpointMixin:
-    """The behaviour; combined with a namespace's ModelCheckpoint by ``_compat``."""
+class ManagedCheckpointMixin:
+    """The behaviour; combined with one namespace's ModelCheckpoint in ``ckptmgr.lightning`` and
+    ``ckptmgr.pytorch_lightning``."""
 
     def __init__(
         self,
-        *args: Any,
+        dirpath: str | os.PathLike | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        verbose: bool = False,
+        save_last: bool | Literal["link"] | None = None,
+        save_top_k: int = 1,
+        save_on_exception: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "min",
+        auto_insert_metric_name: bool = True,
+        every_n_train_steps: int | None = None,
+        train_time_interval: datetime.timedelta | None = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+        *,
         durability: DurabilityHook | None = None,
         durability_timeout_s: float = 600.0,
         config_fingerprint: str | None = None,
         async_save: bool = False,
-        **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        """Every argument of Lightning's ``ModelCheckpoint``, with its meaning, plus:
+
+        Args:
+            durability: called after each publish (a Modal ``Volume.commit()``: see ``ckptmgr.modal``).
+            durability_timeout_s: a durability hook that has not returned by then fails the save.
+            config_fingerprint: recorded in every checkpoint; a resume under another one is refused.
+            async_save: training stalls only for a copy into reused CPU buffers; writing, hashing, committing,
+                moving ``last`` and removals happen in order in the background; a failed save is raised at the
+                next step.
+        """
+        super().__init__(  # type: ignore[call-arg]
+            dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
+            save_top_k=save_top_k, save_on_exception=save_on_exception, save_weights_only=save_weights_only,
+            mode=mode, auto_insert_metric_name=auto_insert_metric_name, every_n_train_steps=every_n_train_steps,
+            train_time_interval=train_time_interval, every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end, enable_version_counter=enable_version_counter,
+        )
         self.async_save = async_save
         self._async: Any = None  # an AsyncCheckpointer on global rank 0 when async_save is on
         self._ckptmgr_options = {"durability": durability, "durability_timeout_s": durability_timeout_s,
                                  "config_fingerprint": config_fingerprint}
         self.manager: CheckpointManager | None = None
         self.save_seconds: list[float] = []  # wall time of each save, for stop decisions
-        self._last_only: str | None = None  # a checkpoint saved only so that `last` has a target
         self._rng_to_restore: list[dict[str, Any]] | None = None
+
+    @property
+    def state_key(self) -> str:
+        """``ModelCheckpoint``'s key for the same arguments: a run saved by one resumes with the other."""
+        key = super().state_key  # type: ignore[misc]
+        own = type(self).__qualname__
+        return _PARENT_NAME + key[len(own):] if key.startswith(own) else key
 
     # -- lifecycle --------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        _compat.specialise(self, trainer, _ManagedCheckpointMixin, "callbacks.ModelCheckpoint")
+        _compat.check_namespace(self, trainer)
         super().setup(trainer, pl_module, stage)  # type: ignore[misc]
+        self._ensure_ready(trainer)
+        if stage == "fit" and self.manager is not None:
+            self.manager.open()  # one writer per run: a second one is refused before it trains
+
+    def _ensure_ready(self, trainer: Any) -> None:
+        """The manager (global rank 0) and the CheckpointIO plugin; also for saves made without ``setup``."""
         if trainer.is_global_zero and self.manager is None and self.dirpath is not None:
             self.manager = CheckpointManager(self.dirpath, keep_last=None, last_alias=None, **self._ckptmgr_options)
         if not _is_deepspeed(trainer.strategy):
-            from .io import ManagedCheckpointIO
+            from .io import ManagedCheckpointIOMixin
 
             current = trainer.strategy.checkpoint_io
-            if not isinstance(current, ManagedCheckpointIO):
-                trainer.strategy.checkpoint_io = ManagedCheckpointIO(current)
+            if not isinstance(current, ManagedCheckpointIOMixin):
+                trainer.strategy.checkpoint_io = _compat.module_for(self).ManagedCheckpointIO(current)
         elif self.async_save:
             log.warning("[ckptmgr] async_save is not available with DeepSpeed (its engine writes the shards "
                         "itself); saving synchronously")
@@ -80,6 +133,13 @@ class _ManagedCheckpointMixin:
             from ..async_save import AsyncCheckpointer
 
             self._async = AsyncCheckpointer(self.manager)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._async is not None:
+            self._async.check()  # a background save that failed is raised here, at the next step
+        if self._rng_to_restore is not None:
+            rng.restore(self._rng_to_restore[trainer.global_rank])
+            self._rng_to_restore = None
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)  # type: ignore[misc]
@@ -100,101 +160,129 @@ class _ManagedCheckpointMixin:
         else:
             job()
 
-    # -- saving -----------------------------------------------------------
+    # -- the three places bytes reach the disk -------------------------------
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
         started = time.monotonic()
-        deepspeed = _is_deepspeed(trainer.strategy)
-        handle = None
-        staging_path = None
-        layout = _layout(trainer)
-        if trainer.is_global_zero:
-            assert self.manager is not None
-            handle = self.manager.begin(
-                step=trainer.global_step, epoch=trainer.current_epoch, name=os.path.basename(filepath),
-                kind="deepspeed" if deepspeed else "lightning", load_path="." if deepspeed else PAYLOAD_NAME,
-                world_size=trainer.world_size, layout=layout,
-                metadata={"weights_only": bool(self.save_weights_only)},
-            )
-            staging_path = handle.path
-        staging_path = trainer.strategy.broadcast(staging_path)
-        inside = staging_path if deepspeed else os.path.join(staging_path, PAYLOAD_NAME)
-        if self._async is not None and handle is not None:
-            self._async.wait()  # at most one save in flight; raises the previous one's error
-            trainer.strategy.checkpoint_io.async_target = (self._async, self.manager, handle)
-        hasher = _shard_hasher(trainer, staging_path, self.manager) if deepspeed else None
-        try:
-            with hasher or nullcontext():
-                trainer.save_checkpoint(inside, self.save_weights_only)  # a collective: every rank writes its part
-        except BaseException:
-            if handle is not None:
-                self.manager.abort(handle)  # type: ignore[union-attr]
-            raise
-        if hasher is not None:
-            # Each rank hashed the files it wrote as each was finished; rank 0 checks all are there and publishes.
-            from ..deepspeed import gather_and_commit
-
-            gather_and_commit(self.manager, handle, staging_path, rank=trainer.global_rank,
-                              world_size=trainer.world_size, layout=layout, hasher=hasher, replace=True)
-        elif handle is not None and self._async is None:
-            # Lightning has already applied its version counter: a save onto an
-            # existing name means "overwrite", done here as a crash-safe replace.
-            self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
-        trainer.strategy.barrier("ckptmgr.commit")
+        self._ensure_ready(trainer)
+        if not self._managed_here(filepath):
+            super()._save_checkpoint(trainer, filepath)  # type: ignore[misc]
+            return
+        previous = self._last_checkpoint_saved
+        if self._is_copy_of_this_step(trainer, filepath, previous):
+            self._alias(trainer, previous, filepath, aliases.COPY)  # save_last=True: the same bytes, no 2nd write
+        else:
+            self._commit_save(trainer, filepath)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         self.save_seconds.append(time.monotonic() - started)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
+                logger.after_save_checkpoint(proxy(self))
 
-    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict[str, Any]) -> None:
-        """`last` is an alias of the newest save: never a second full write ("link" or True alike)."""
-        if not self.save_last:
+    def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:  # type: ignore[override]
+        if not (self._managed_here(filepath) and self._managed_here(linkpath)):
+            super()._link_checkpoint(trainer, filepath, linkpath)  # type: ignore[misc]
             return
-        alias = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
-        if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
-            # Nothing saved at this step (save_top_k=0 or a skipped top-k): save one for `last` to name.
-            filepath = self.format_checkpoint_name(monitor_candidates)
-            self._save_checkpoint(trainer, filepath)
-            previous, self._last_only = self._last_only, filepath
+        if os.path.abspath(filepath) != os.path.abspath(linkpath):
+            self._alias(trainer, filepath, linkpath, aliases.LINK)
         else:
-            previous = None
-        self.last_model_path = alias
-        if trainer.is_global_zero:
-            manager, target = self.manager, os.path.basename(self._last_checkpoint_saved)
-            assert manager is not None
-            self._in_order(lambda: manager.point_last(target, alias=os.path.basename(alias)))
-        trainer.strategy.barrier("ckptmgr.last")
-        if previous and previous != self._last_checkpoint_saved and previous not in self.best_k_models:
-            self._remove_checkpoint(trainer, previous)
+            trainer.strategy.barrier()
 
     def _remove_checkpoint(self, trainer: Any, filepath: str) -> None:
-        if not trainer.is_global_zero or self.manager is None:
+        if not self._managed_here(filepath):
+            super()._remove_checkpoint(trainer, filepath)  # type: ignore[misc]
             return
-        name = os.path.basename(filepath)
-        if os.path.dirname(os.path.abspath(filepath)) != self.manager.run_dir:
-            return
-        if self._last_checkpoint_saved and name == os.path.basename(self._last_checkpoint_saved):
-            log.info("[ckptmgr] keeping %s: it is the newest checkpoint", filepath)
-            return
-        manager = self.manager
+        if trainer.is_global_zero and self.manager is not None:
+            manager, name = self.manager, os.path.basename(filepath)
 
-        def delete() -> None:  # with async saves: only after the new checkpoint committed
-            if os.path.lexists(filepath):
-                manager.delete(filepath)
+            def delete() -> None:  # with async saves: only after the new checkpoint committed
+                if os.path.lexists(filepath):
+                    manager.delete(name)
 
-        self._in_order(delete)
+            self._in_order(delete)
+
+    # -- helpers -------------------------------------------------------------
+    def _managed_here(self, filepath: str) -> bool:
+        """A path in this callback's directory (Lightning may be asked to write elsewhere)."""
+        return self.dirpath is not None and os.path.dirname(os.path.abspath(filepath)) == os.path.abspath(
+            str(self.dirpath))
+
+    def _is_copy_of_this_step(self, trainer: Any, filepath: str, previous: str) -> bool:
+        """Lightning's ``save_last=True`` writing ``last.ckpt`` again right after a save at this step."""
+        return (self.save_last is True and filepath == self.last_model_path and bool(previous)
+                and previous != filepath and self._last_global_step_saved == trainer.global_step
+                and self._managed_here(previous))
+
+    def _alias(self, trainer: Any, target: str, alias: str, style: str) -> None:
+        if trainer.is_global_zero and self.manager is not None:
+            manager = self.manager
+            self._in_order(lambda: manager.point_last(os.path.basename(target), alias=os.path.basename(alias),
+                                                      style=style))
+        trainer.strategy.barrier("ckptmgr.alias")
+
+    def _commit_save(self, trainer: Any, filepath: str) -> None:
+        """One save through the commit protocol; a collective (every rank calls it)."""
+        deepspeed = _is_deepspeed(trainer.strategy)
+        handle = staging = None
+        layout = _layout(trainer)
+        if trainer.is_global_zero:
+            if self.manager is None:
+                raise UsageError(filepath, "ManagedCheckpoint has no directory to save into")
+            handle = self.manager.begin(
+                step=trainer.global_step, epoch=trainer.current_epoch, name=os.path.basename(filepath),
+                kind="deepspeed" if deepspeed else "lightning", shape="directory" if deepspeed else "file",
+                world_size=trainer.world_size, layout=layout,
+                metadata={"weights_only": bool(self.save_weights_only)},
+            )
+            staging = handle.path
+            if self._async is not None:
+                self._async.wait()  # at most one save in flight; raises the previous one's error
+        try:
+            if deepspeed:
+                staging = trainer.strategy.broadcast(staging)
+                self._deepspeed_save(trainer, handle, staging, layout)
+            else:
+                io = trainer.strategy.checkpoint_io
+                if handle is not None:
+                    io.target = (handle, self.manager, self._async)
+                trainer.save_checkpoint(filepath, self.save_weights_only)  # the plugin writes into `handle`
+                if handle is not None and io.target is not None:
+                    raise UsageError(filepath, f"{type(trainer.strategy).__name__} saved without its CheckpointIO "
+                                               "plugin; ManagedCheckpoint cannot manage this strategy's saves")
+                if handle is not None and self._async is None:
+                    # Lightning has applied its version counter already: a name that exists is saved over.
+                    self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
+        except BaseException:
+            if not deepspeed:
+                trainer.strategy.checkpoint_io.target = None
+            if handle is not None and (self._async is None or not handle.submitted):
+                self.manager.abort(handle)  # type: ignore[union-attr]
+            raise
+        trainer.strategy.barrier("ckptmgr.commit")
+
+    def _deepspeed_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any]) -> None:
+        """Every rank writes its shards into the staging directory, hashed as written; rank 0 commits."""
+        from ..deepspeed import gather_and_commit
+
+        hasher = _shard_hasher(trainer, staging, self.manager)
+        with hasher or nullcontext():
+            trainer.save_checkpoint(staging, self.save_weights_only)
+        gather_and_commit(self.manager, handle, staging, rank=trainer.global_rank, world_size=trainer.world_size,
+                          layout=layout, hasher=hasher, replace=True)
 
     def save_now(self, trainer: Any, reason: str) -> str | None:
         """Save at this step (time budget, preemption) unless this step is already saved."""
         if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:
             return self._last_checkpoint_saved
-        candidates = self._monitor_candidates(trainer)
+        candidates = self._monitor_candidates(trainer)  # type: ignore[attr-defined]
         log.info("[ckptmgr] saving at step %s (%s)", trainer.global_step, reason)
         # Through Lightning's own top-k bookkeeping, so retention stays Lightning's.
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-        return self._last_checkpoint_saved if self._last_global_step_saved == trainer.global_step else None
+        self._save_topk_checkpoint(trainer, candidates)  # type: ignore[attr-defined]
+        self._save_last_checkpoint(trainer, candidates)  # type: ignore[attr-defined]
+        if self._last_global_step_saved != trainer.global_step:
+            # Neither top-k nor `last` kept this step: a checkpoint of its own, to resume from.
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))  # type: ignore[attr-defined]
+        return self._last_checkpoint_saved
 
     def predicted_save_seconds(self) -> float | None:
         """The slowest recent save (with async saves: its stall plus its background persist)."""
@@ -219,15 +307,8 @@ class _ManagedCheckpointMixin:
         # Restored at the first batch, after Lightning has built its iterators.
         self._rng_to_restore = state["rng"]
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._async is not None:
-            self._async.check()  # a background save that failed surfaces at the next step
-        if self._rng_to_restore is not None:
-            rng.restore(self._rng_to_restore[trainer.global_rank])
-            self._rng_to_restore = None
 
-
-def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> ShardHasher:
+def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> "ShardHasher":
     from ..deepspeed import ShardHasher
 
     return ShardHasher(trainer.strategy.deepspeed_engine, staging_path, manager.storage if manager else None)
@@ -249,34 +330,3 @@ def _layout(trainer: Any) -> dict[str, Any]:
             bf16 = bool((config.get("bf16") or {}).get("enabled", False))
             layout["shards"] = expected_shards(DEFAULT_TAG, trainer.world_size, stage, bf16=bf16)
     return layout
-
-
-def is_managed(path: str) -> bool:
-    return os.path.isdir(path) and has_manifest(path)
-
-
-def verified_load_path(path: str) -> str:
-    """For a managed checkpoint directory, verify it and return the file to load."""
-    from ..errors import InvalidCheckpointError
-
-    result = verify_checkpoint(os.path.realpath(path))
-    if result.status is not Status.VALID:
-        raise InvalidCheckpointError(path, f"refusing to load: {result.reason}")
-    assert result.manifest is not None
-    real = os.path.realpath(path)
-    return real if result.manifest.load_path == "." else os.path.join(real, result.manifest.load_path)
-
-
-class _ManagedMeta(type):
-    """``isinstance(x, ManagedCheckpoint)`` holds before and after the namespace specialisation."""
-
-    def __instancecheck__(cls, obj: object) -> bool:
-        return isinstance(obj, _ManagedCheckpointMixin)
-
-    def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, _ManagedCheckpointMixin)
-
-
-ManagedCheckpoint = _ManagedMeta("ManagedCheckpoint",
-                                 (_ManagedCheckpointMixin, *_compat.bases("callbacks.ModelCheckpoint")),
-                                 {"__module__": __name__, "__doc__": __doc__})

@@ -20,41 +20,19 @@ import threading
 import time
 from typing import Any
 
-from . import _compat
+from ..durations import parse_duration
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SAVE_ESTIMATE_S = 5.0  # before any save was measured
 
 
-def parse_duration(value: str | float | int | _dt.timedelta) -> float:
-    """Seconds from ``3600``, ``"90s"``, ``"45m"``, ``"23.5h"``, ``"1d"`` or Lightning's ``"DD:HH:MM:SS"``."""
-    if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 4:
-                raise ValueError(f"expected DD:HH:MM:SS, got {value!r}")
-            days, hours, minutes, secs = parts
-            seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
-        else:
-            units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-            scale = units.get(text[-1:].lower())
-            seconds = float(text[:-1]) * scale if scale else float(text)
-    if seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
-    return seconds
-
-
 def _managed_checkpoint(trainer: Any) -> Any:
-    from .checkpoint import _ManagedCheckpointMixin
+    from .checkpoint import ManagedCheckpointMixin
 
     for callback in trainer.callbacks:
-        if isinstance(callback, _ManagedCheckpointMixin):
+        if isinstance(callback, ManagedCheckpointMixin):
             return callback
     return None
 
@@ -72,7 +50,7 @@ def _predicted_save_s(trainer: Any) -> float:
     return DEFAULT_SAVE_ESTIMATE_S if predicted is None else predicted
 
 
-class _TimeBudgetMixin:
+class TimeBudgetMixin:
     """Stop and save before ``budget`` seconds have passed since ``started_at`` (default: now).
 
     The save is started early enough to finish: the stop comes at
@@ -84,7 +62,7 @@ class _TimeBudgetMixin:
         super().__init__()
         self.budget_s = parse_duration(budget)
         if margin_s < 0 or safety < 1:
-            raise ValueError("margin_s must be >= 0 and safety >= 1")
+            raise UsageError(None, f"margin_s must be >= 0 and safety >= 1, got {margin_s}, {safety}")
         self.margin_s = margin_s
         self.safety = safety
         self.started_at = time.time() if started_at is None else started_at
@@ -112,7 +90,7 @@ class _TimeBudgetMixin:
         trainer.should_stop = True
 
 
-class _PreemptionMixin:
+class PreemptionMixin:
     """Save and stop on SIGTERM / SIGINT / SIGUSR1, if the save fits the grace period.
 
     The signal only sets a flag; the decision is made at the next step boundary.
@@ -172,10 +150,3 @@ class _PreemptionMixin:
                         max(0.0, self.grace_s - elapsed))
             self.outcome = "skipped"
         trainer.should_stop = True
-
-
-_CALLBACK = _compat.bases("Callback")
-TimeBudget = type("TimeBudget", (_TimeBudgetMixin, *_CALLBACK), {"__module__": __name__,
-                                                                  "__doc__": _TimeBudgetMixin.__doc__})
-Preemption = type("Preemption", (_PreemptionMixin, *_CALLBACK), {"__module__": __name__,
-                                                                 "__doc__": _PreemptionMixin.__doc__})

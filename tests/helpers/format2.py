@@ -1,0 +1,43 @@
+"""Run directories as ckptmgr 0.2 (format 2) wrote them: the manifest inside each checkpoint directory.
+
+Built from the format's definition (docs/FORMAT.md, version 2), so that tests of
+reading, resuming and retention over old runs do not need the old writer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from ckptmgr.hashing import hash_files
+from ckptmgr.manifest import MANIFEST_NAME, FileEntry, Manifest
+
+
+def tensor_state(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {"weight": torch.randn(64, 64, generator=g), "bias": torch.full((64,), float(step))}
+
+
+def write_format2_checkpoint(run_dir: str, step: int, *, sequence: int, state=None) -> str:
+    name = f"epoch=0-step={step}.ckpt"
+    path = os.path.join(run_dir, name)
+    os.makedirs(path)
+    payload = os.path.join(path, "checkpoint.pt")
+    torch.save(tensor_state(step) if state is None else state, payload)
+    size = os.path.getsize(payload)
+    (digest,) = hash_files([(payload, size)])
+    manifest = Manifest(name=name, step=step, epoch=0, sequence=sequence, kind="torch", load_path="checkpoint.pt",
+                        files=(FileEntry(path="checkpoint.pt", size=size, xxh3_128=digest),), created_unix=time.time(),
+                        format_version=2)
+    with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
+        f.write(manifest.to_json_bytes())
+    return path
+
+
+def write_format2_run(run_dir: str, steps=(10, 20, 30)) -> list[str]:
+    os.makedirs(run_dir, exist_ok=True)
+    paths = [write_format2_checkpoint(run_dir, step, sequence=i + 1) for i, step in enumerate(steps)]
+    os.symlink(os.path.basename(paths[-1]), os.path.join(run_dir, "last.ckpt"))
+    return paths
