@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .errors import CkptMgrError, ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
 from .manifest import Manifest
-from .naming import ASIDE_DIR, internal_name, is_internal, parse_name, stem
+from .naming import ASIDE_DIR, TRASH_DIR, is_internal, parse_name, split_internal, stem
 from .records import Record, newest_first, read_records
 from .storage import LOCAL_READER, Reader
 from .verify import (
@@ -171,10 +171,13 @@ def _managed(run_dir: str, records: list[Record], entries: set[str]) -> dict[str
     for record in records:
         if record.manifest is None:
             by_name.setdefault(stems.get(record.stem, record.stem), []).append(record)
+    deleting = {split[0] for split in map(split_internal, _listdir(os.path.join(run_dir, TRASH_DIR))) if split}
     candidates = {}
     for name, own in by_name.items():
         parsed = newest_first(own)
         path = _payload_path(run_dir, name, own)
+        if stem(name) in deleting and not os.path.lexists(path):
+            continue  # a deletion a crash interrupted: the name is already gone, only its records are left
         candidate = Candidate(path, MANAGED, run_dir, manifest=parsed[0].manifest if parsed else None, records=own)
         if not parsed:
             candidate.problem = "; ".join(f"{r.filename}: {r.problem}" for r in own)
@@ -182,15 +185,23 @@ def _managed(run_dir: str, records: list[Record], entries: set[str]) -> dict[str
     return candidates
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def _payload_path(run_dir: str, name: str, records: list[Record]) -> str:
     """``RUN/NAME``; or, while a directory replaced in place is set aside and the new one not yet there, the aside."""
     path = os.path.join(run_dir, name)
     if os.path.lexists(path):
         return path
-    for record in records:
-        aside = os.path.join(run_dir, ASIDE_DIR, internal_name(name, record.token))
-        if os.path.lexists(aside):
-            return aside
+    own = stem(name)
+    for entry in sorted(_listdir(os.path.join(run_dir, ASIDE_DIR))):
+        parts = split_internal(entry)
+        if parts is not None and parts[0] == own:
+            return os.path.join(run_dir, ASIDE_DIR, entry)
     return path
 
 

@@ -183,17 +183,19 @@ class StagedCheckpoint:
         manifest = self._build_manifest(name, sequence, entries, time.perf_counter() - t0)
         target = os.path.join(self.run_dir, name)
         record = publish_record(self.storage, self.run_dir, self.base, manifest)
-        aside = None
+        # rename(2) swaps a file for a file only: a directory (or a file over one) is first set aside.
+        aside = os.path.join(self.run_dir, ASIDE_DIR, self.base) if replace and (
+            not self.is_file or _is_directory(target)) else None
         try:
             self._sync_tree()
-            if replace and (not self.is_file or _is_directory(target)):
-                aside = self._set_aside(target)  # rename(2) swaps a file for a file only
+            if aside is not None:
+                self._set_aside(target, aside)
             if replace and aside is None:
                 self.storage.replace(self.path, target)
             else:
                 self.storage.rename_noreplace(self.path, target)
         except BaseException:
-            if aside is not None:
+            if aside is not None and os.path.lexists(aside) and not os.path.lexists(target):
                 _rename_quietly(self.storage, aside, target)  # or recover() does it
             _unlink_quietly(self.storage, record)  # never published: nothing at the name matches it
             raise
@@ -201,7 +203,7 @@ class StagedCheckpoint:
             self.storage.sync_dir(self.run_dir)
             self.storage.sync_dir(os.path.dirname(self.path))
             remove_records(self.storage, self.run_dir, name, keep=self.token)
-            if aside is not None:
+            if aside is not None and os.path.lexists(aside):
                 self.storage.remove_tree(aside)
         except OSError as exc:
             raise from_os_error(target, "publishing the checkpoint", exc, saving=True) from exc
@@ -238,16 +240,14 @@ class StagedCheckpoint:
             raise from_os_error(target, "publishing", exc, saving=True) from exc
         return target, manifest
 
-    def _set_aside(self, target: str) -> str | None:
+    def _set_aside(self, target: str, aside: str) -> None:
         """Move a directory that is about to be replaced to .ckptmgr/aside/ (moved back if we never arrive)."""
         if not os.path.lexists(target):
-            return None
-        aside = os.path.join(self.run_dir, ASIDE_DIR, self.base)
+            return
         self.storage.makedirs(os.path.dirname(aside))
         self.storage.rename_noreplace(target, aside)
         self.storage.sync_dir(self.run_dir)
         self.storage.sync_dir(os.path.dirname(aside))
-        return aside
 
     def _entries(self, name: str) -> list[FileEntry]:
         if self.is_file:
@@ -364,10 +364,19 @@ def _versions() -> dict[str, str]:
 
 
 def abandon(storage: Storage, path: str) -> None:
-    """Remove a staging entry after a failed save; best effort, never masks the cause."""
+    """Remove a staging entry after a failed save, and its record if one was written; best effort.
+
+    A staging entry that still exists was never published, so its record (same base name) describes
+    bytes that never took their name: the record goes first, then the entry. Never masks the cause.
+    """
+    if not os.path.lexists(path):
+        return  # published (renamed away) or never created: nothing of ours to take back
+    run_dir = os.path.dirname(os.path.dirname(os.path.dirname(path)))
+    record = os.path.join(run_dir, MANIFESTS_DIR, f"{os.path.basename(path)}{RECORD_SUFFIX}")
     try:
-        if os.path.lexists(path):
-            storage.remove_tree(path)
+        if os.path.dirname(path) == os.path.join(run_dir, STAGING_DIR):
+            _unlink_quietly(storage, record)
+        storage.remove_tree(path)
     except OSError:
         pass  # the next writer's recover() removes it
 
@@ -385,9 +394,11 @@ def _rename_quietly(storage: Storage, src: str, dst: str) -> None:
 
 
 def _unlink_quietly(storage: Storage, path: str) -> None:
+    """Unlink and make the removal durable (a record that came back after a power loss would be an orphan)."""
     try:
         if os.path.lexists(path):
             storage.unlink(path)
+            storage.sync_dir(os.path.dirname(path))
     except OSError:
         pass  # the next writer's recover() removes it
 

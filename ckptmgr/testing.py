@@ -19,7 +19,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ class Fault:
 class _Pending:
     unsynced_files: set[str] = field(default_factory=set)
     unsynced_renames: list[tuple[str, str]] = field(default_factory=list)
+    # (src, dst, copy of what dst held before): a rename over an existing entry, or an unlink (src None)
+    unsynced_overwrites: list[tuple[str | None, str, str]] = field(default_factory=list)
 
 
 class FaultyStorage(LocalStorage):
@@ -56,6 +60,7 @@ class FaultyStorage(LocalStorage):
         self._counted = 0
         self._pending = _Pending()
         self._lock = threading.Lock()
+        self._backups: str | None = None
 
     # -- failpoints -------------------------------------------------------
     def _failpoint(self, op: str, path: str) -> None:
@@ -112,6 +117,9 @@ class FaultyStorage(LocalStorage):
         self._pending.unsynced_renames = [
             (s, d) for s, d in self._pending.unsynced_renames if os.path.dirname(d) != path
         ]
+        self._pending.unsynced_overwrites = [
+            (s, d, b) for s, d, b in self._pending.unsynced_overwrites if os.path.dirname(d) != path
+        ]
 
     def rename_noreplace(self, src: str, dst: str) -> None:
         self._failpoint("rename", dst)
@@ -120,7 +128,12 @@ class FaultyStorage(LocalStorage):
 
     def replace(self, src: str, dst: str) -> None:
         self._failpoint("replace", dst)
+        backup = self._keep_copy(dst)
         super().replace(src, dst)
+        if backup is not None:
+            self._pending.unsynced_overwrites.append((src, dst, backup))
+        else:
+            self._moved(src, dst)
 
     def symlink(self, target: str, path: str) -> None:
         self._failpoint("symlink", path)
@@ -137,7 +150,20 @@ class FaultyStorage(LocalStorage):
 
     def unlink(self, path: str) -> None:
         self._failpoint("unlink", path)
+        backup = self._keep_copy(path)
         super().unlink(path)
+        if backup is not None:
+            self._pending.unsynced_overwrites.append((None, path, backup))
+
+    def _keep_copy(self, path: str) -> str | None:
+        """What a regular file held before it is replaced or unlinked, so that a power loss can bring it back."""
+        if not os.path.isfile(path) or os.path.islink(path):
+            return None
+        if self._backups is None:
+            self._backups = tempfile.mkdtemp(prefix="ckptmgr-faulty-")
+        backup = os.path.join(self._backups, f"{len(self._pending.unsynced_overwrites)}-{os.path.basename(path)}")
+        shutil.copyfile(path, backup)
+        return backup
 
     def remove_tree(self, path: str) -> None:
         # File by file, each a failpoint: a crash mid-rmtree leaves a half-deleted tree.
@@ -180,6 +206,13 @@ class FaultyStorage(LocalStorage):
             if rng.random() < 0.5 and os.path.lexists(dst) and not os.path.lexists(src):
                 os.rename(dst, src)
                 done.append(f"undid rename {dst} -> {src}")
+        for src, dst, backup in reversed(self._pending.unsynced_overwrites):
+            if rng.random() < 0.5 and os.path.isfile(backup):
+                if src is not None and os.path.lexists(dst) and not os.path.lexists(src):
+                    os.rename(dst, src)  # the new entry back where it came from
+                if not os.path.lexists(dst):
+                    shutil.copyfile(backup, dst)  # the old one under its name again
+                    done.append(f"undid {'replace' if src else 'unlink'} of {dst}")
         return done
 
 

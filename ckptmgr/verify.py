@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from .errors import CkptMgrError, ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
 from .hashing import FileChanged, hash_files
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
-from .naming import is_internal, looks_like_checkpoint, stem
+from .naming import ASIDE_DIR, is_internal, looks_like_checkpoint, split_internal, stem
 from .records import Record, newest_first, read_records
 from .storage import LOCAL_READER, Reader
 
@@ -137,7 +137,7 @@ def verify_checkpoint(path: str, *, quick: bool = False, workers: int | None = N
     path = os.fspath(path)
     if not os.path.lexists(path):
         raise PathNotFoundError(path, "no such checkpoint")
-    run_dir, name = os.path.split(os.path.abspath(path))
+    run_dir, name = _run_dir_and_name(os.path.abspath(path))
     if records is None:
         try:
             records = read_records(run_dir, reader)
@@ -154,6 +154,22 @@ def verify_checkpoint(path: str, *, quick: bool = False, workers: int | None = N
         result.notes.append("no commit record beside it (not managed, or copied out of its run directory): "
                             "only torch's zip CRC32s were checked")
     return result
+
+
+def _run_dir_and_name(path: str) -> tuple[str, str]:
+    """Where a checkpoint's records are, and its name. A directory set aside while it is being replaced
+    (``RUN/.ckptmgr/aside/<stem>.<token>``) keeps its records under its own name."""
+    parent, entry = os.path.split(path)
+    if parent.endswith(os.sep + ASIDE_DIR.replace("/", os.sep)):
+        run_dir = os.path.dirname(os.path.dirname(parent))
+        parts = split_internal(entry)
+        if parts is not None:
+            try:
+                names = {r.manifest.name for r in read_records(run_dir) if r.manifest is not None}
+            except OSError:
+                names = set()
+            return run_dir, next((n for n in sorted(names) if stem(n) == parts[0]), parts[0])
+    return parent, entry
 
 
 def records_for(name: str, records: Iterable[Record]) -> list[Record]:

@@ -1,15 +1,30 @@
-"""The crash harness's shared pieces: a deterministic save and the invariant check."""
+"""The crash harness's shared pieces: deterministic saves of every kind, and the invariant check.
+
+Save modes (each a path through the commit protocol of docs/FORMAT.md):
+
+- ``file``: ``manager.save`` of a tensor state, a single-file checkpoint (payload writer, chunked writes);
+- ``raw-file``: a single-file checkpoint written through ``open_file`` (no torch: fast to start, for
+  the random-time kills);
+- ``directory``: ``manager.stage``: a file hashed while written and one written "by others" (as DeepSpeed);
+- ``replace-file`` / ``replace-directory``: the same, saved over one fixed name (Lightning's fixed
+  ``filename=`` without a version counter), the old checkpoint replaced in place.
+
+Every save moves the ``last`` alias (a hard link with its own record) and runs retention (``keep_last=2``).
+"""
 
 from __future__ import annotations
 
 import os
 
 from ckptmgr import CheckpointManager
-from ckptmgr.catalog import resolve, scan
-from ckptmgr.naming import is_staging, is_trash
+from ckptmgr.catalog import resolve, scan, verify_candidate
+from ckptmgr.naming import ASIDE_DIR, STAGING_DIR, TRASH_DIR
+from ckptmgr.records import read_records
 from ckptmgr.verify import Status, verify_checkpoint
 
 PAYLOAD_BYTES = 96 * 1024
+MODES = ("file", "raw-file", "directory", "replace-file", "replace-directory")
+FIXED_NAME = "fixed.ckpt"
 
 
 def payload_for(step: int) -> bytes:
@@ -18,9 +33,21 @@ def payload_for(step: int) -> bytes:
     return (block * (PAYLOAD_BYTES // len(block) + 1))[:PAYLOAD_BYTES]
 
 
-def save_step(manager: CheckpointManager, step: int) -> None:
-    """One save through both paths: a file hashed while written, and one written 'by others'."""
-    with manager.stage(step=step, epoch=step // 5, epoch_end=False) as staging:
+def save_step(manager: CheckpointManager, step: int, mode: str = "directory") -> None:
+    name = FIXED_NAME if mode.startswith("replace") else None
+    replace = mode.startswith("replace")
+    if mode == "raw-file":
+        with manager.stage(step=step, epoch=step // 5, shape="file") as staging:
+            with staging.open_file() as f:
+                f.write(payload_for(step))
+        return
+    if mode.endswith("file"):
+        import torch
+
+        state = {"data": torch.frombuffer(bytearray(payload_for(step)), dtype=torch.uint8), "step": step}
+        manager.save(state, step=step, epoch=step // 5, name=name, replace=replace)
+        return
+    with manager.stage(step=step, epoch=step // 5, name=name, replace=replace) as staging:
         with staging.open_file("model.bin") as f:
             data = payload_for(step)
             for i in range(0, len(data), 16 * 1024):
@@ -28,6 +55,20 @@ def save_step(manager: CheckpointManager, step: int) -> None:
         os.makedirs(os.path.join(staging.path, "optim"))
         with open(os.path.join(staging.path, "optim", "rank0.bin"), "wb") as f:  # as DeepSpeed would
             f.write(payload_for(step)[::-1])
+
+
+def holds_its_step(path: str, step: int) -> bool:
+    if os.path.isdir(path):
+        with open(os.path.join(path, "model.bin"), "rb") as f:
+            return f.read() == payload_for(step)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # raw-file mode: the payload itself
+            f.seek(0)
+            return f.read() == payload_for(step)
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    return state["step"] == step and bytes(state["data"].numpy()) == payload_for(step)
 
 
 def check_invariants(run_dir: str, last_acked: int | None, *, torn_allowed: bool = False) -> int | None:
@@ -38,16 +79,20 @@ def check_invariants(run_dir: str, last_acked: int | None, *, torn_allowed: bool
         assert found.step >= last_acked, f"resolved step {found.step} older than acknowledged {last_acked}"
     if found is not None:
         assert verify_checkpoint(found.path).status is Status.VALID
-        with open(os.path.join(found.path, "model.bin"), "rb") as f:
-            assert f.read() == payload_for(found.step), "resolved checkpoint holds another step's data"
+        assert holds_its_step(found.path, found.step), "resolved checkpoint holds another step's data"
     if not torn_allowed:  # without power loss, nothing published is ever torn
         for candidate in scan(run_dir):
-            if candidate.alias_of is None:
-                result = verify_checkpoint(candidate.path)
+            if candidate.form in ("managed", "in-dir"):
+                result = verify_candidate(candidate)
                 assert result.status is Status.VALID, f"published but invalid: {candidate.path}: {result.reason}"
-    # The next writer cleans up whatever the crash left.
+    # The next writer rolls back or removes whatever the crash left.
     with CheckpointManager(run_dir, keep_last=2):
         pass
-    leftovers = [n for n in os.listdir(run_dir) if is_staging(n) or is_trash(n)]
-    assert not leftovers, leftovers
+    for area in (STAGING_DIR, TRASH_DIR, ASIDE_DIR):
+        leftovers = os.listdir(os.path.join(run_dir, area)) if os.path.isdir(os.path.join(run_dir, area)) else []
+        assert not leftovers, (area, leftovers)
+    assert not [r for r in read_records(run_dir, include_pending=True) if r.pending]
+    after = resolve(run_dir)
+    if found is not None:  # recovery never loses what resolved before it
+        assert after is not None and after.step >= found.step
     return None if found is None else found.step
