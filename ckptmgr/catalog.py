@@ -133,7 +133,7 @@ class Candidate:
 
 def scan(run_dir: str, reader: Reader = LOCAL_READER) -> list[Candidate]:
     """Every candidate in ``run_dir``, newest first. Reads manifests, hashes nothing."""
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     try:
         records = read_records(run_dir, reader)
         with os.scandir(run_dir) as it:
@@ -150,7 +150,8 @@ def scan(run_dir: str, reader: Reader = LOCAL_READER) -> list[Candidate]:
     return sorted(candidates.values(), key=lambda c: c.order_key, reverse=True)
 
 
-def _check_run_dir(run_dir: str) -> None:
+def check_run_dir(run_dir: str) -> None:
+    """A directory, or a one-line error: missing (exit 2), not a directory (3), unreadable (4)."""
     try:
         mode = os.stat(run_dir).st_mode
     except FileNotFoundError:
@@ -181,6 +182,8 @@ def _managed(run_dir: str, records: list[Record], entries: set[str]) -> dict[str
         candidate = Candidate(path, MANAGED, run_dir, manifest=parsed[0].manifest if parsed else None, records=own)
         if not parsed:
             candidate.problem = "; ".join(f"{r.filename}: {r.problem}" for r in own)
+            if all(r.unreadable for r in own):
+                candidate.form = UNREADABLE
         candidates[name] = candidate
     return candidates
 

@@ -555,8 +555,9 @@ class CheckpointManager:
                                 reader=self.reader, workers=self.workers)
         if quarantine and found is not None:
             for candidate, reason in skipped:
-                corrupt = candidate.result is None or candidate.result.status is Status.CORRUPT
-                if not candidate.legacy and corrupt and candidate.order_key > _key(found):
+                corrupt = candidate.result.status is Status.CORRUPT if candidate.result is not None else \
+                    candidate.form in (catalog.MANAGED, catalog.IN_DIR)  # a record or manifest that does not parse
+                if corrupt and candidate.order_key > _key(found):
                     self.quarantine(candidate.name, reason)
         if found is None and strict and skipped:
             details = "; ".join(f"{c.name}: {r}" for c, r in skipped)

@@ -30,6 +30,7 @@ class Record:
     manifest: Manifest | None
     problem: str | None = None  # why it does not parse (None when it does)
     pending: bool = False  # its save's staging entry is still there: written, never published
+    unreadable: bool = False  # the read failed (permission, I/O): not known to be corrupt
 
     @property
     def filename(self) -> str:
@@ -84,7 +85,8 @@ def read_record(path: str, reader: Reader = LOCAL_READER) -> Record:
     except CkptMgrError as exc:
         return Record(path, stem, token, None, exc.message)
     except OSError as exc:
-        return Record(path, stem, token, None, f"commit record unreadable ({exc.strerror or exc})")
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        return Record(path, stem, token, None, f"commit record unreadable ({reason})", unreadable=True)
 
 
 def newest_first(records: list[Record]) -> list[Record]:

@@ -14,7 +14,8 @@ import io
 import os
 from typing import Any
 
-from .errors import UsageError
+from .catalog import check_run_dir
+from .errors import NotACheckpointError, UsageError
 from .history import invocations
 from .journal import read_events
 from .walk import inspect_run
@@ -30,9 +31,10 @@ def render(run_dir: str, out: str) -> dict[str, Any]:
         raise UsageError(None, "timeline needs matplotlib", hint="pip install 'ckptmgr[plot]'") from exc
     if not out.endswith((".png", ".svg", ".html")):
         raise UsageError(out, "output must end in .png, .svg or .html")
+    check_run_dir(run_dir)
     runs = invocations(read_events(run_dir))
     if not runs:
-        raise UsageError(run_dir, "no run journal here (.ckptmgr/journal.jsonl): nothing to draw")
+        raise NotACheckpointError(run_dir, "no run journal here (.ckptmgr/journal.jsonl): nothing to draw")
     status = {c.name: c.status for c in inspect_run(run_dir, quick=True).checkpoints}
     fig, ax = plt.subplots(figsize=(11, 5), dpi=110)
     colours = {"valid": "tab:green", "missing": "tab:gray"}

@@ -207,7 +207,8 @@ def _verify_against_records(run_dir: str, path: str, records: list[Record], quic
     parsed = newest_first(records)
     broken = [r for r in records if r.manifest is None]
     if not parsed:
-        return VerifyResult(path, Status.CORRUPT, [f"{os.path.basename(r.path)}: {r.problem}" for r in broken])
+        status = Status.UNREADABLE if all(r.unreadable for r in broken) else Status.CORRUPT
+        return VerifyResult(path, status, [f"{os.path.basename(r.path)}: {r.problem}" for r in broken])
     try:
         st = os.lstat(path)
     except FileNotFoundError:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import catalog
-from .errors import CkptMgrError, PathNotFoundError, from_os_error
+from .catalog import check_run_dir
+from .errors import CkptMgrError, from_os_error
 from .journal import read_events
 from .naming import (
     ASIDE_DIR,
@@ -90,10 +91,7 @@ class RunReport:
 def find_runs(root: str) -> tuple[list[str], list[dict[str, str]]]:
     """Every run directory under ``root`` (``root`` itself included), without following links,
     and the directories that could not be read (each may hold a run: reported, never skipped silently)."""
-    if not os.path.isdir(root):
-        if os.path.lexists(root):
-            raise PathNotFoundError(root, "not a directory")
-        raise PathNotFoundError(root, "no such directory")
+    check_run_dir(root)
     runs, unreadable, stack = [], [], [root]
     while stack:
         directory = stack.pop()

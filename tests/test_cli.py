@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ckptmgr.manifest import MANIFEST_NAME
+from ckptmgr.records import read_records
 from tests.conftest import run_cli
 from tests.test_corruption import snapshot
 
@@ -30,13 +30,16 @@ def test_help_explains_each_command():
 def test_json_outputs(make_run, run_dir):
     make_run()
     verify = json.loads(run_cli("verify", run_dir, "--json").stdout)
-    assert verify["all_valid"] and [c["step"] for c in verify["checkpoints"]] == [30, 20, 10]
+    assert verify["all_valid"] and [c["step"] for c in verify["checkpoints"]] == [30, 30, 20, 10]
+    assert {c["format_version"] for c in verify["checkpoints"]} == {3}
     listing = json.loads(run_cli("list", run_dir, "--json").stdout)
     assert listing["resume"] == "epoch=0-step=30.ckpt"
-    assert [r["status"] for r in listing["checkpoints"]] == ["valid", "valid", "valid", "alias"]
-    assert listing["checkpoints"][3]["alias_of"] == "epoch=0-step=30.ckpt"
+    rows = {r["name"]: r for r in listing["checkpoints"]}
+    assert [r["status"] for r in listing["checkpoints"]] == ["valid"] * 4
+    # `last.ckpt` is a hard link of the newest (say which: where links are not supported it is a full copy)
+    assert (rows["last.ckpt"]["alias_of"], rows["last.ckpt"]["alias"]) == ("epoch=0-step=30.ckpt", "hardlink")
     resolved = json.loads(run_cli("resolve", run_dir, "--json").stdout)
-    assert resolved["load_path"] == os.path.join(run_dir, "epoch=0-step=30.ckpt", "checkpoint.pt")
+    assert resolved["load_path"] == os.path.join(run_dir, "epoch=0-step=30.ckpt")
     quick = json.loads(run_cli("verify", run_dir, "--quick", "--json").stdout)
     assert quick["mode"] == "quick" and all(c["bytes_hashed"] == 0 for c in quick["checkpoints"])
 
@@ -60,11 +63,11 @@ def test_not_a_checkpoint_file(command, tmp_path):
     assert path.read_text() == "hello"
 
 
-@pytest.mark.parametrize("command", ["list", "resolve"])
+@pytest.mark.parametrize("command", ["list", "resolve", "estimate", "walk"])
 def test_run_commands_on_a_file(command, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    assert_one_line_error(run_cli(command, str(path)), 1, "not a directory")
+    assert_one_line_error(run_cli(command, str(path)), 3, "not a")
 
 
 def test_verify_empty_directory(tmp_path):
@@ -83,14 +86,16 @@ def test_permission_denied(make_run, run_dir):
     assert snapshot(run_dir) == before
 
 
-def test_unreadable_manifest(make_run, run_dir):
-    make_run()
+def test_unreadable_record(make_run, run_dir):
+    make_run(last_alias=None)
     ckpt = os.path.join(run_dir, "epoch=0-step=30.ckpt")
-    os.chmod(os.path.join(ckpt, MANIFEST_NAME), 0o000)
-    assert_one_line_error(run_cli("verify", ckpt, unprivileged=True), 4, "permission denied")
+    (record,) = [r.path for r in read_records(run_dir) if r.manifest.name == "epoch=0-step=30.ckpt"]
+    os.chmod(record, 0o000)
+    proc = run_cli("verify", ckpt, unprivileged=True)
+    assert proc.returncode == 1 and "unreadable" in proc.stdout and "permission denied" in proc.stdout
     # resolve falls back past it, naming why
     proc = run_cli("resolve", run_dir, unprivileged=True)
-    assert proc.returncode == 0 and "epoch=0-step=20.ckpt" in proc.stdout and "unreadable manifest" in proc.stderr
+    assert proc.returncode == 0 and "epoch=0-step=20.ckpt" in proc.stdout and "unreadable" in proc.stderr
 
 
 def test_usage_errors(tmp_path):
@@ -139,9 +144,8 @@ def test_every_command_refuses_bad_input_in_one_line(command, kind, tmp_path):
     args = [a.format(p=path, out=tmp_path / "out") for a in command]
     before = snapshot(str(tmp_path))
     proc = run_cli(*args)
-    assert proc.returncode in (1, 2, 3), (proc.returncode, proc.stderr)
+    # The same condition, the same exit code, whatever the command: 2 missing, 3 not a checkpoint / run.
+    assert proc.returncode == (2 if kind == "missing" else 3), (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("ckptmgr: error: ")
-    if kind == "missing":
-        assert proc.returncode == 2
     assert snapshot(str(tmp_path)) == before  # nothing created or modified

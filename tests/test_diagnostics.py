@@ -10,32 +10,50 @@ import torch
 
 from ckptmgr import CheckpointManager
 from ckptmgr.journal import journal_path
+from ckptmgr.records import read_records
 from tests.conftest import run_cli, tensor_state
 from tests.test_corruption import flip, snapshot
 from tests.test_legacy import deepspeed_dir, flip_inside_record, torch_file
 
 
 def build_tree(root: str) -> None:
-    """good/ all valid; bad/ one of every managed fault; legacy/ unsealed files and dirs."""
+    """good/ all valid; bad/ one of every managed fault and leftover, plus stray files that are no checkpoint;
+    legacy/ unsealed files and directories."""
     for run in ("good", "bad"):
         with CheckpointManager(os.path.join(root, "exp", run), keep_last=None) as m:
             for step in (10, 20, 30, 40):
                 m.save(tensor_state(step), step=step, epoch=0)
     bad = os.path.join(root, "exp", "bad")
-    flip(os.path.join(bad, "epoch=0-step=40.ckpt", "checkpoint.pt"), "middle")  # corrupt
-    os.unlink(os.path.join(bad, "epoch=0-step=30.ckpt", "ckptmgr-manifest.json"))  # incomplete
-    shutil.copytree(os.path.join(bad, "epoch=0-step=20.ckpt"), os.path.join(bad, ".ckptmgr-staging.step=50.ckpt.x"))
-    shutil.copytree(os.path.join(bad, "epoch=0-step=10.ckpt"), os.path.join(bad, ".ckptmgr-trash.step=5.ckpt.y"))
-    os.makedirs(os.path.join(bad, ".ckptmgr", "quarantine", "epoch=0-step=9.ckpt.1"))
+    state = os.path.join(bad, ".ckptmgr")
+    flip(os.path.join(bad, "epoch=0-step=40.ckpt"), "middle")  # corrupt
+    os.unlink(record_of(bad, "epoch=0-step=30.ckpt"))  # no record left: a legacy file written without CRC32s
+    os.makedirs(os.path.join(bad, "epoch=0-step=35.ckpt"))  # a directory a crashed foreign writer left
+    open(os.path.join(bad, "epoch=0-step=35.ckpt", "part.bin"), "wb").close()
+    shutil.copyfile(os.path.join(bad, "epoch=0-step=20.ckpt"), os.path.join(state, "staging", "step=50.ckpt.0000abcd"))
+    os.makedirs(os.path.join(state, "trash"))
+    shutil.copyfile(os.path.join(bad, "epoch=0-step=10.ckpt"), os.path.join(state, "trash", "step=5.ckpt.0000abce"))
+    os.makedirs(os.path.join(state, "quarantine", "epoch=0-step=9.ckpt.0000abcf.1"))
     with open(os.path.join(bad, ".ckptmgr-sealed-original.last.ckpt.z"), "wb") as f:
         f.write(b"x")
     os.unlink(os.path.join(bad, "last.ckpt"))
+    os.unlink(record_of(bad, "last.ckpt"))
     os.symlink("epoch=0-step=99.ckpt", os.path.join(bad, "last.ckpt"))  # dangling
+    os.symlink("../../good/epoch=0-step=40.ckpt", os.path.join(bad, "last-v1.ckpt"))  # into another run
+    with open(os.path.join(bad, "eval-step=30.json"), "w") as f:  # a metrics file: no checkpoint, no problem
+        f.write("{}")
+    os.mkfifo(os.path.join(bad, "epoch=0-step=60.ckpt"))  # a FIFO named like one: never opened, never a checkpoint
     legacy = os.path.join(root, "legacy", "checkpoints")
     torch_file(os.path.join(legacy, "epoch=0-step=5.ckpt"))
     flip_inside_record(torch_file(os.path.join(legacy, "epoch=0-step=6.ckpt")))
     deepspeed_dir(os.path.join(legacy, "last.ckpt"))
+    with open(os.path.join(deepspeed_dir(os.path.join(legacy, "epoch=0-step=7.ckpt")), "latest"), "w") as f:
+        f.write("global_step7")  # names a tag that is not there: can never load
     os.makedirs(os.path.join(root, "unrelated", "deep", "dir"))
+
+
+def record_of(run_dir: str, name: str) -> str:
+    (path,) = [r.path for r in read_records(run_dir) if r.manifest is not None and r.manifest.name == name]
+    return path
 
 
 def test_walk_classifies_every_fault(tmp_path):
@@ -48,20 +66,42 @@ def test_walk_classifies_every_fault(tmp_path):
     runs = {os.path.relpath(r["path"], root): r for r in data["runs"]}
     assert sorted(runs) == ["exp/bad", "exp/good", "legacy/checkpoints"]
     good, bad, legacy = runs["exp/good"], runs["exp/bad"], runs["legacy/checkpoints"]
-    assert good["problems"] == 0 and good["resume"] == "epoch=0-step=40.ckpt" and good["checkpoint_count"] == 4
+    assert good["problems"] == 0 and good["resume"] == "epoch=0-step=40.ckpt" and good["checkpoint_count"] == 5
     assert good["newest_valid_step"] == 40 and good["invocations"] == 1 and good["last_commit_age_s"] >= 0
+    assert good["total_bytes"] == sum(os.path.getsize(os.path.join(root, "exp", "good", f"epoch=0-step={s}.ckpt"))
+                                      for s in (10, 20, 30, 40))  # the hard-linked `last` counted once
     status = {c["name"]: c["status"] for c in bad["checkpoints"]}
-    assert status == {"epoch=0-step=40.ckpt": "corrupt", "epoch=0-step=30.ckpt": "incomplete",
-                      "epoch=0-step=20.ckpt": "valid", "epoch=0-step=10.ckpt": "valid", "last.ckpt": "dangling-alias"}
+    assert status == {"epoch=0-step=40.ckpt": "corrupt", "epoch=0-step=35.ckpt": "incomplete",
+                      "epoch=0-step=30.ckpt": "legacy-unchecked", "epoch=0-step=20.ckpt": "valid",
+                      "epoch=0-step=10.ckpt": "valid", "last.ckpt": "bad-alias", "last-v1.ckpt": "bad-alias"}
     assert bad["resume"] == "epoch=0-step=20.ckpt"
-    corrupt = next(c for c in bad["checkpoints"] if c["status"] == "corrupt")
-    assert corrupt["problems"] == ["checkpoint.pt: xxh3_128 mismatch (content differs from the manifest)"]
+    problems = {c["name"]: c["problems"] for c in bad["checkpoints"]}
+    assert problems["epoch=0-step=40.ckpt"] == ["xxh3_128 mismatch (content differs from the manifest)"]
+    assert problems["last.ckpt"] == ["points to missing epoch=0-step=99.ckpt"]
+    assert problems["last-v1.ckpt"] == ["points outside the run directory ('../../good/epoch=0-step=40.ckpt')"]
     assert sorted(item["kind"] for item in bad["leftovers"]) == ["quarantined", "sealed-original", "staging", "trash"]
     legacy_status = {c["name"]: c["status"] for c in legacy["checkpoints"]}
     assert legacy_status == {"epoch=0-step=5.ckpt": "legacy-ok", "epoch=0-step=6.ckpt": "legacy-corrupt",
-                             "last.ckpt": "legacy-ok"}
+                             "epoch=0-step=7.ckpt": "legacy-corrupt", "last.ckpt": "legacy-ok"}
     assert legacy["resume"] is None
     assert snapshot(root) == before  # walk modified nothing
+    # Off a terminal every line is printed whole: the resume pick and full step numbers survive a pipe.
+    text = run_cli("walk", root).stdout
+    assert f"{os.path.join(root, 'exp', 'bad')}  " in text and "resume: epoch=0-step=20.ckpt" in text
+
+
+def test_walk_reports_a_directory_it_cannot_read(tmp_path):
+    root = str(tmp_path / "volume")
+    with CheckpointManager(os.path.join(root, "locked", "run"), keep_last=None) as m:
+        m.save(tensor_state(1), step=1)
+    os.chmod(os.path.join(root, "locked"), 0o000)
+    try:
+        proc = run_cli("walk", root, "--json", unprivileged=True)
+    finally:
+        os.chmod(os.path.join(root, "locked"), 0o755)
+    assert proc.returncode == 1, proc.stderr
+    (run,) = json.loads(proc.stdout)["runs"]
+    assert run["path"] == os.path.join(root, "locked") and "permission denied" in run["error"]
 
 
 def test_walk_quick_and_all_valid(tmp_path):
@@ -70,7 +110,7 @@ def test_walk_quick_and_all_valid(tmp_path):
         m.save(tensor_state(1), step=1)
     proc = run_cli("walk", root)
     assert proc.returncode == 0 and "1 run(s), 0 problem(s)" in proc.stdout
-    flip(os.path.join(root, "run", "step=1.ckpt", "checkpoint.pt"), "middle")
+    flip(os.path.join(root, "run", "step=1.ckpt"), "middle")
     assert run_cli("walk", root, "--quick").returncode == 0  # quick: sizes only, a flip goes unseen
     assert run_cli("walk", root).returncode == 1
     assert run_cli("walk", str(tmp_path / "nope")).returncode == 2

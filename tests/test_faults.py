@@ -10,6 +10,7 @@ import pytest
 
 from ckptmgr import CheckpointManager, CommitError
 from ckptmgr.catalog import scan
+from ckptmgr.naming import STAGING_DIR
 from ckptmgr.testing import FailingHook, Fault, FaultyStorage
 from tests.helpers.crashlib import check_invariants, save_step
 
@@ -27,22 +28,35 @@ def names(run_dir: str) -> list[str]:
     return sorted(c.name for c in scan(run_dir))
 
 
-@pytest.mark.parametrize("op", ["mkdir", "open_write", "write", "fsync", "sync_file", "sync_dir", "rename"])
+def last_target(run_dir: str) -> str | None:
+    """What `last.ckpt` is a copy of (its commit record says)."""
+    (last,) = [c for c in scan(run_dir) if c.name == "last.ckpt"]
+    return last.manifest.alias_of
+
+
+# A single-file save makes no directory and syncs what it wrote through its own handle (no mkdir, no sync_file).
+SAVE_OPS = [(mode, op) for mode in ("file", "directory")
+            for op in ("mkdir", "makedirs", "open_write", "write", "fsync", "sync_file", "sync_dir", "rename")
+            if mode == "directory" or op not in ("mkdir", "sync_file")]
+
+
+@pytest.mark.parametrize("mode, op", SAVE_OPS)
 @pytest.mark.parametrize("action", ["enospc", "eio"])
-def test_disk_error_fails_the_save_loudly(op, action, seeded):
+def test_disk_error_fails_the_save_loudly(op, action, mode, seeded):
     before = names(seeded)
-    storage = FaultyStorage(Fault(at=1, action=action, op=op))
+    storage = FaultyStorage()
     manager = CheckpointManager(seeded, keep_last=1, storage=storage)
     with manager:
+        storage.fault = Fault(at=1, action=action, op=op)  # counted from here: the save, not the writer's open
         with pytest.raises(CommitError) as info:
-            save_step(manager, 3)
-        word = "No space left" if action == "enospc" else "Input/output error"
+            save_step(manager, 3, mode)
+        word = "no space left on the device" if action == "enospc" else "Input/output error"
         assert word in str(info.value) and seeded in str(info.value)
         # Nothing published, nothing rotated (keep_last=1 would otherwise have deleted), last unchanged.
         assert names(seeded) == before
-        assert os.readlink(os.path.join(seeded, "last.ckpt")) == "epoch=0-step=2.ckpt"
+        assert last_target(seeded) == "epoch=0-step=2.ckpt"
         # Training can go on: the next save (the fault fired once) succeeds.
-        save_step(manager, 4)
+        save_step(manager, 4, mode)
     check_invariants(seeded, 4)
 
 
@@ -63,7 +77,7 @@ def test_failing_durability_hook_means_not_acknowledged(seeded):
     assert len(hook.calls) == 1
     # Retention did not run (step 1 still there despite keep_last=1) and last did not move.
     assert "epoch=0-step=1.ckpt" in names(seeded)
-    assert os.readlink(os.path.join(seeded, "last.ckpt")) == "epoch=0-step=2.ckpt"
+    assert last_target(seeded) == "epoch=0-step=2.ckpt"
 
 
 def test_hanging_durability_hook_times_out(seeded):
@@ -83,7 +97,7 @@ def test_exception_inside_stage_abandons_it(seeded):
                 with open(os.path.join(staging.path, "x"), "wb") as f:
                     f.write(b"partial")
                 raise KeyError("user code failed mid-save")
-    assert not [n for n in os.listdir(seeded) if n.startswith(".ckptmgr-staging")]
+    assert not os.listdir(os.path.join(seeded, STAGING_DIR))
     assert CheckpointManager(seeded).resolve().step == 2
 
 
@@ -105,7 +119,8 @@ def test_bit_rot_after_commit_is_quarantined_never_deleted(seeded):
     with CheckpointManager(seeded) as manager:
         assert manager.resolve(quarantine=True).step == 1
     quarantine = os.path.join(seeded, ".ckptmgr", "quarantine")
-    (moved,) = os.listdir(quarantine)
-    with open(os.path.join(quarantine, moved, "model.bin"), "rb") as a:
+    (moved,) = [n for n in os.listdir(quarantine) if n.startswith("epoch=0-step=2.ckpt")]  # and last.ckpt, its copy
+    assert sorted(os.listdir(os.path.join(quarantine, moved)))[0] == "epoch=0-step=2.ckpt"  # with its records
+    with open(os.path.join(quarantine, moved, "epoch=0-step=2.ckpt", "model.bin"), "rb") as a:
         with open(os.path.join(copy, "model.bin"), "rb") as b:
             assert a.read() == b.read()  # moved aside byte for byte

@@ -17,10 +17,13 @@ import xxhash
 
 from ckptmgr import CheckpointManager, CommitError
 from ckptmgr.hashing import CHUNK_BYTES, PLAIN, ChunkedHasher, FileChanged, hash_files
-from ckptmgr.manager import PAYLOAD_NAME, _torch_crc32
+from ckptmgr.manager import _torch_crc32
 from ckptmgr.manifest import MANIFEST_NAME
+from ckptmgr.naming import STAGING_DIR
+from ckptmgr.records import read_records
 from ckptmgr.testing import Fault, FaultyStorage
 from ckptmgr.verify import Status, read_manifest, verify_checkpoint
+from tests.helpers.format2 import write_format2_checkpoint
 
 MiB = 1024 * 1024
 
@@ -89,12 +92,12 @@ def test_parallel_writer_writes_exactly_what_torch_save_writes(tmp_path):
     state = big_state()
     with CheckpointManager(str(tmp_path / "run"), workers=3) as manager:
         checkpoint = manager.save(state, step=1)
-    with open(os.path.join(checkpoint.path, PAYLOAD_NAME), "rb") as f:
+    with open(checkpoint.path, "rb") as f:  # the checkpoint is the torch file itself
         written = f.read()
     expected = torch_save_bytes(state)
     assert len(expected) > 2 * CHUNK_BYTES
     assert written == expected
-    (entry,) = read_manifest(checkpoint.path).files
+    (entry,) = checkpoint.manifest.files
     assert entry.xxh3_128 == reference_digest(expected) and entry.size == len(expected)
     assert verify_checkpoint(checkpoint.path).status is Status.VALID
 
@@ -130,7 +133,7 @@ def test_a_flip_in_any_chunk_is_caught(tmp_path):
     with CheckpointManager(run_dir, keep_last=None) as manager:
         manager.save({"x": torch.zeros(1)}, step=1)
         newest = manager.save(big_state(), step=2)
-    payload = os.path.join(newest.path, PAYLOAD_NAME)
+    payload = newest.path
     size = os.path.getsize(payload)
     for offset in (CHUNK_BYTES + 5, size - 3):  # the middle chunk, the short last one
         with open(payload, "r+b") as f:
@@ -160,7 +163,9 @@ def test_a_failure_in_any_chunk_write_publishes_nothing(action, tmp_path):
             expected = BaseException if action == "raise" else CommitError
             with pytest.raises(expected):
                 manager.save(state, step=2)
-        assert sorted(os.listdir(run_dir)) == [".ckptmgr", "last.ckpt", "step=1.ckpt"], at  # no staging left
+        assert sorted(os.listdir(run_dir)) == [".ckptmgr", "last.ckpt", "step=1.ckpt"], at
+        assert not os.listdir(os.path.join(run_dir, STAGING_DIR)), at  # no staging left
+        assert [r.manifest.name for r in read_records(run_dir)] == ["last.ckpt", "step=1.ckpt"], at
         assert [op for op, _ in storage.ops].count("write") >= at
     with CheckpointManager(run_dir) as manager:
         assert manager.resolve().step == 1
@@ -169,26 +174,18 @@ def test_a_failure_in_any_chunk_write_publishes_nothing(action, tmp_path):
 def test_format_1_checkpoints_still_verify_with_their_whole_file_digest(tmp_path):
     """A checkpoint written by format 1 (plain xxh3_128 per file) verifies; the manifest says which digest."""
     run_dir = str(tmp_path / "run")
-    with CheckpointManager(run_dir) as manager:
-        checkpoint = manager.save(big_state(), step=3)
-    manifest = read_manifest(checkpoint.path)
-    with open(os.path.join(checkpoint.path, PAYLOAD_NAME), "rb") as f:
-        plain = xxhash.xxh3_128_hexdigest(f.read())
-    assert plain != manifest.files[0].xxh3_128  # over 64 MiB the two definitions differ
-    v1 = dataclasses.replace(manifest, hash_algorithm=PLAIN,
-                             files=(dataclasses.replace(manifest.files[0], xxh3_128=plain),))
-    manifest_path = os.path.join(checkpoint.path, MANIFEST_NAME)
-    with open(manifest_path, "wb") as f:
-        f.write(v1.to_json_bytes())
-    with open(manifest_path, "rb") as f:
+    path = write_format2_checkpoint(run_dir, 3, sequence=1, state=big_state(), version=1)
+    manifest = read_manifest(path)
+    assert manifest.hash_algorithm == PLAIN
+    with open(os.path.join(path, MANIFEST_NAME), "rb") as f:
         assert b'"format_version": 1' in f.read()
-    assert verify_checkpoint(checkpoint.path).status is Status.VALID
+    assert verify_checkpoint(path).status is Status.VALID
     with CheckpointManager(run_dir) as manager:
         assert manager.resolve().step == 3
-    # The same plain digest under format 2 is a mismatch: the reader follows the manifest's version.
-    with open(manifest_path, "wb") as f:
-        f.write(dataclasses.replace(v1, hash_algorithm=manifest.hash_algorithm).to_json_bytes())
-    assert verify_checkpoint(checkpoint.path).status is Status.CORRUPT
+    # Over 64 MiB the two definitions differ: the plain digest under format 2 is a mismatch.
+    with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
+        f.write(dataclasses.replace(manifest, format_version=2).to_json_bytes())
+    assert verify_checkpoint(path).status is Status.CORRUPT
 
 
 def test_thread_fan_out_keeps_order_and_raises_the_first_error():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import struct
 import zipfile
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from ckptmgr import CheckpointManager, InvalidCheckpointError, UsageError
+from ckptmgr.testing import Fault, FaultyStorage, InjectedCrash
 from ckptmgr.verify import Status, verify_checkpoint
 from tests.conftest import run_cli, tensor_state
+from tests.test_corruption import snapshot
 
 
 def torch_file(path: str, step: int = 1) -> str:
@@ -70,19 +73,19 @@ def test_legacy_deepspeed_dir_crc(tmp_path):
     assert result.status is Status.LEGACY_CORRUPT and "optim_states" in result.reason
 
 
-def test_seal_file_becomes_a_managed_checkpoint(tmp_path):
+def test_seal_file_becomes_a_managed_checkpoint_in_place(tmp_path):
     path = torch_file(str(tmp_path / "run" / "epoch=2-step=40.ckpt"), step=40)
     with open(path, "rb") as f:
         original = f.read()
     proc = run_cli("seal", path, "--json")
     assert proc.returncode == 0, proc.stderr
-    assert os.path.isdir(path)
-    with open(os.path.join(path, "checkpoint.pt"), "rb") as f:
+    assert os.path.isfile(path)  # sealing moves no byte: the commit record is written beside, in .ckptmgr/
+    with open(path, "rb") as f:
         assert f.read() == original
-    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".ckptmgr-sealed")]
     found = CheckpointManager(str(tmp_path / "run")).resolve()
-    assert (found.step, found.epoch, found.name) == (40, 2, "epoch=2-step=40.ckpt")
+    assert (found.step, found.epoch, found.name, found.load_path) == (40, 2, "epoch=2-step=40.ckpt", path)
     assert torch.load(found.load_path, weights_only=True)["global_step"] == 40
+    assert verify_checkpoint(path).status is Status.VALID
 
 
 def test_seal_deepspeed_dir_in_place(tmp_path):
@@ -93,6 +96,71 @@ def test_seal_deepspeed_dir_in_place(tmp_path):
     assert found.manifest.kind == "deepspeed" and found.load_path == path
     assert {f.path for f in found.manifest.files} == {
         "latest", "checkpoint/mp_rank_00_model_states.pt", "checkpoint/zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: open(os.path.join(p, "latest"), "w").write("global_step9"), "names tag 'global_step9'"),
+    (lambda p: os.unlink(os.path.join(p, "checkpoint", "mp_rank_00_model_states.pt")), "no model states file"),
+])
+def test_a_deepspeed_dir_that_can_never_load_is_refused(damage, message, tmp_path):
+    path = deepspeed_dir(str(tmp_path / "run" / "step=100.ckpt"))
+    damage(path)
+    assert verify_checkpoint(path).status is Status.LEGACY_CORRUPT
+    proc = run_cli("seal", path)
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert CheckpointManager(str(tmp_path / "run")).resolve() is None
+
+
+def test_seal_refuses_a_symlink_and_a_run_directory_without_leaving_anything(tmp_path):
+    run = tmp_path / "run"
+    torch_file(str(run / "step=3.ckpt"))
+    os.symlink("step=3.ckpt", run / "last.ckpt")
+    before = snapshot(str(tmp_path))
+    proc = run_cli("seal", str(run / "last.ckpt"))
+    assert proc.returncode == 2 and "symlink" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("seal", str(run))
+    assert proc.returncode == 2 and "this is a run directory" in proc.stderr
+    os.makedirs(tmp_path / "empty")
+    before["empty"] = snapshot(str(tmp_path))["empty"]
+    proc = run_cli("seal", str(tmp_path / "empty"))
+    assert proc.returncode == 3 and "empty directory" in proc.stderr
+    assert snapshot(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "deepspeed"])
+def test_crash_at_every_failpoint_of_a_seal(kind, tmp_path):
+    """Commit-marker mode under the crash sweep: the checkpoint is legacy (untouched) or sealed, never lost."""
+    from ckptmgr.sealing import seal
+
+    def make(where: str) -> str:
+        name = "epoch=1-step=40.ckpt"
+        return torch_file(os.path.join(where, name), step=40) if kind == "file" else \
+            deepspeed_dir(os.path.join(where, name))
+
+    dry = FaultyStorage()
+    path = make(str(tmp_path / "dry"))
+    seal(path, manager=CheckpointManager(os.path.dirname(path), keep_last=None, last_alias=None, storage=dry))
+    for at in range(1, len(dry.ops) + 1):
+        for power_loss in (False, True):
+            where = str(tmp_path / f"{at}-{power_loss}")
+            path = make(where)
+            before = snapshot(path) if os.path.isdir(path) else open(path, "rb").read()
+            storage = FaultyStorage(Fault(at=at, action="raise"))
+            manager = CheckpointManager(where, keep_last=None, last_alias=None, storage=storage)
+            with pytest.raises(InjectedCrash):
+                seal(path, manager=manager)
+            manager.close()
+            if power_loss:
+                storage.lose_unsynced(random.Random(at))
+            after = snapshot(path) if os.path.isdir(path) else open(path, "rb").read()
+            assert after == before, "sealing modified the checkpoint"
+            status = verify_checkpoint(path).status
+            assert status in (Status.VALID, Status.LEGACY_OK), (at, status)
+            with CheckpointManager(where, keep_last=None, last_alias=None):
+                pass  # the next writer recovers
+            if verify_checkpoint(path).status is Status.LEGACY_OK:
+                assert seal(path).step == 40  # an interrupted seal can simply be run again
+            assert verify_checkpoint(path).status is Status.VALID
 
 
 def test_seal_refuses_corrupt_and_leaves_it_untouched(tmp_path):
@@ -171,6 +239,11 @@ def test_payload_saved_without_torch_crc32_is_unchecked_not_corrupt(tmp_path):
 
     bare = str(tmp_path / "copied.pt")
     shutil.copyfile(checkpoint.load_path, bare)
-    assert verify_checkpoint(bare).status is Status.LEGACY_UNCHECKED
+    result = verify_checkpoint(bare)
+    assert result.status is Status.LEGACY_UNCHECKED
+    proc = run_cli("verify", bare)  # out of its run directory there is no record: it says so
+    assert proc.returncode == 0 and "no commit record beside it" in proc.stdout
+    assert verify_checkpoint(checkpoint.path).status is Status.VALID  # in its run directory: the record is found
     with_crc = CheckpointManager(str(tmp_path / "crc"), torch_crc32=True).save({"w": torch.randn(100)}, step=1)
-    assert verify_checkpoint(with_crc.load_path).status is Status.LEGACY_OK
+    shutil.copyfile(with_crc.load_path, bare)
+    assert verify_checkpoint(bare).status is Status.LEGACY_OK  # with torch's CRC32s kept, a copy checks out

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ckptmgr.hashing import hash_files
+from ckptmgr.hashing import CHUNKED, PLAIN, hash_files
 from ckptmgr.manifest import MANIFEST_NAME, FileEntry, Manifest
 
 
@@ -20,17 +20,18 @@ def tensor_state(step: int) -> dict[str, torch.Tensor]:
     return {"weight": torch.randn(64, 64, generator=g), "bias": torch.full((64,), float(step))}
 
 
-def write_format2_checkpoint(run_dir: str, step: int, *, sequence: int, state=None) -> str:
+def write_format2_checkpoint(run_dir: str, step: int, *, sequence: int, state=None, version: int = 2) -> str:
+    """A checkpoint directory of format 2 (or 1: one plain xxh3_128 per file) holding ``checkpoint.pt``."""
     name = f"epoch=0-step={step}.ckpt"
     path = os.path.join(run_dir, name)
     os.makedirs(path)
     payload = os.path.join(path, "checkpoint.pt")
     torch.save(tensor_state(step) if state is None else state, payload)
     size = os.path.getsize(payload)
-    (digest,) = hash_files([(payload, size)])
+    (digest,) = hash_files([(payload, size)], algorithm=PLAIN if version == 1 else CHUNKED)
     manifest = Manifest(name=name, step=step, epoch=0, sequence=sequence, kind="torch", load_path="checkpoint.pt",
                         files=(FileEntry(path="checkpoint.pt", size=size, xxh3_128=digest),), created_unix=time.time(),
-                        format_version=2)
+                        format_version=version)
     with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
         f.write(manifest.to_json_bytes())
     return path
