@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
 
 from ckptmgr import CheckpointManager, CommitError, InvalidCheckpointError
 from ckptmgr.async_save import AsyncCheckpointer, SnapshotBuffers
+from ckptmgr.storage import LocalStorage
 from ckptmgr.testing import FailingHook, Fault, FaultyStorage
 from tests.conftest import tensor_state
 from tests.test_corruption import flip
@@ -40,23 +42,38 @@ def test_async_saves_commit_in_order_and_match_sync(run_dir):
     assert names == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt"]
 
 
+class GatedStorage(LocalStorage):
+    """The first payload write waits for a gate: a save in flight that has snapshotted but not yet written."""
+
+    def __init__(self, gate: threading.Event):
+        self.gate = gate
+        self.blocked = False
+
+    def write_at(self, f, pieces, offset):
+        if not self.blocked:
+            self.blocked = True
+            self.gate.wait(10)
+        super().write_at(f, pieces, offset)
+
+
 def test_at_most_one_save_in_flight(run_dir):
+    """A second save waits for the first to commit: the snapshot buffers are reused, so a second snapshot
+    taken while the first is still being written would write the second step's bytes into the first."""
     gate = threading.Event()
-
-    class SlowHook:
-        def persist(self, path):
-            gate.wait(10)
-
-    with CheckpointManager(run_dir, durability=SlowHook()) as manager:
+    big = {"w": torch.zeros(1 << 20)}  # over the writer's inline threshold: written by write_at
+    with CheckpointManager(run_dir, keep_last=None, storage=GatedStorage(gate)) as manager:
         saver = AsyncCheckpointer(manager)
-        saver.save(tensor_state(1), step=1)
+        saver.save(big, step=1)
         assert saver.busy
-        releaser = threading.Timer(0.3, gate.set)
-        releaser.start()
-        saver.save(tensor_state(2), step=2)  # waits for the first to commit
-        assert CheckpointManager(run_dir).resolve().step >= 1
+        big["w"].fill_(2.0)  # training goes on, in place
+        threading.Timer(0.3, gate.set).start()
+        started = time.monotonic()
+        saver.save(big, step=2)  # must wait for step 1 to be written and committed
+        assert time.monotonic() - started >= 0.25
         saver.close()
-    assert CheckpointManager(run_dir).resolve().step == 2
+    first = CheckpointManager(run_dir).load(os.path.join(run_dir, "step=1.ckpt"))
+    assert float(first["w"].max()) == 0.0, "step 1 holds step 2's bytes"
+    assert float(CheckpointManager(run_dir).load()["w"][0]) == 2.0
 
 
 def test_background_error_surfaces_at_the_next_call_and_blocks_deletions(run_dir):
@@ -66,13 +83,13 @@ def test_background_error_surfaces_at_the_next_call_and_blocks_deletions(run_dir
     with CheckpointManager(run_dir, keep_last=1, durability=hook) as manager:
         saver = AsyncCheckpointer(manager)
         saver.save(tensor_state(2), step=2)
-        deleted = saver.submit(lambda: manager.delete(os.path.join(run_dir, "step=1.ckpt")))
+        deleted = saver.submit(lambda: manager._delete("step=1.ckpt"))
         deleted.result(timeout=30)
         with pytest.raises(CommitError, match="commit failed"):
             saver.check()
         saver.check()  # raised once, not forever
         saver.close()
-    assert os.path.isdir(os.path.join(run_dir, "step=1.ckpt"))  # the deletion queued after the failure never ran
+    assert os.path.isfile(os.path.join(run_dir, "step=1.ckpt"))  # the deletion queued after the failure never ran
 
 
 def test_disk_error_in_background_is_raised_by_wait(run_dir):
@@ -80,7 +97,7 @@ def test_disk_error_in_background_is_raised_by_wait(run_dir):
     with CheckpointManager(run_dir, storage=storage) as manager:
         saver = AsyncCheckpointer(manager)
         saver.save(tensor_state(1), step=1)
-        with pytest.raises(CommitError, match="No space left"):
+        with pytest.raises(CommitError, match="no space left"):
             saver.wait()
         saver.save(tensor_state(2), step=2)  # training goes on; the next save works
         assert saver.wait().step == 2
@@ -89,7 +106,7 @@ def test_disk_error_in_background_is_raised_by_wait(run_dir):
 
 def test_load_verifies_while_loading_and_falls_back(make_run, run_dir, caplog):
     make_run(steps=(10, 20, 30))
-    flip(os.path.join(run_dir, "epoch=0-step=30.ckpt", "checkpoint.pt"), "middle")
+    flip(os.path.join(run_dir, "epoch=0-step=30.ckpt"), "middle")
     with CheckpointManager(run_dir) as manager:
         state = manager.load()
     assert float(state["bias"][0]) == 20.0

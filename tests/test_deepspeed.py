@@ -126,14 +126,17 @@ def test_missing_rank_shard_never_verifies(ds_run, tmp_path):
     os.unlink(os.path.join(newest, "checkpoint", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     result = verify_checkpoint(newest)
     assert result.status is Status.CORRUPT and "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in result.reason
+    # `last.ckpt` is a checkpoint of its own (a tree of hard links, its own record): step 6 survives through it.
+    assert (resolve(run_dir).name, resolve(run_dir).step) == ("last.ckpt", 6)
+    os.unlink(os.path.join(run_dir, "last.ckpt", "checkpoint", "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     assert resolve(run_dir).name == "step=3.ckpt"
 
 
 def test_flipped_byte_in_optimizer_shard(ds_run, tmp_path):
     _, out, _ = ds_run
     run_dir = copy_run(out, tmp_path)
-    shard = os.path.join(run_dir, "step=6.ckpt", "checkpoint", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    flip_inside_record(shard)
+    for name in ("step=6.ckpt", "last.ckpt"):  # copied apart by copy_run: damage both
+        flip_inside_record(os.path.join(run_dir, name, "checkpoint", "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     proc = run_cli("verify", run_dir)
     assert proc.returncode == 1 and "zero_pp_rank_0_mp_rank_00_optim_states.pt: xxh3_128 mismatch" in proc.stdout
     assert resolve(run_dir).name == "step=3.ckpt"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ckptmgr import CommitError
 from ckptmgr.catalog import resolve
@@ -121,8 +122,8 @@ def test_failing_volume_commit_means_not_acknowledged(modal_train, tmp_path):
     run_dir = os.path.join(root, "en-zh", "runs", "f")
     # Saves 10 and 20 were acknowledged; 30 was published locally but its commit failed:
     # `last` still names 20 and retention (keep 1) did not delete 20 after 30.
-    assert os.readlink(os.path.join(run_dir, "last.ckpt")) == "epoch=0-step=20.ckpt"
-    assert os.path.isdir(os.path.join(run_dir, "epoch=0-step=20.ckpt"))
+    assert torch.load(os.path.join(run_dir, "last.ckpt"), weights_only=False)["global_step"] == 20
+    assert os.path.isfile(os.path.join(run_dir, "epoch=0-step=20.ckpt"))
 
 
 def test_remote_utilities_run_on_the_volume(modal_train, tmp_path, capsys):

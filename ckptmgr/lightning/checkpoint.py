@@ -25,11 +25,12 @@ builds it (``ckptmgr.lightning`` or ``ckptmgr.pytorch_lightning``).
 
 # No `from __future__ import annotations` here: LightningCLI and jsonargparse read __init__'s annotations
 # as real types (``inspect.signature(ManagedCheckpoint)`` must show what ModelCheckpoint's shows).
-import datetime
 import logging
 import os
 import time
 from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from weakref import proxy
 
@@ -52,9 +53,9 @@ class ManagedCheckpointMixin:
     """The behaviour; combined with one namespace's ModelCheckpoint in ``ckptmgr.lightning`` and
     ``ckptmgr.pytorch_lightning``."""
 
-    def __init__(
+    def __init__(  # noqa: UP007, UP045 -- ModelCheckpoint's own annotations, object for object (LightningCLI)
         self,
-        dirpath: str | os.PathLike | None = None,
+        dirpath: str | Path | None = None,
         filename: str | None = None,
         monitor: str | None = None,
         verbose: bool = False,
@@ -65,7 +66,7 @@ class ManagedCheckpointMixin:
         mode: str = "min",
         auto_insert_metric_name: bool = True,
         every_n_train_steps: int | None = None,
-        train_time_interval: datetime.timedelta | None = None,
+        train_time_interval: timedelta | None = None,
         every_n_epochs: int | None = None,
         save_on_train_epoch_end: bool | None = None,
         enable_version_counter: bool = True,
