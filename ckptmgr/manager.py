@@ -276,6 +276,29 @@ class CheckpointManager:
         staged.create()
         return Staging(staged)
 
+    def adopt(self, name: str, *, step: int, epoch: int | None = None, kind: str | None = None,
+              metadata: dict[str, Any] | None = None, **fields: Any) -> Checkpoint:
+        """Commit a checkpoint that someone else wrote in place at ``RUN/<name>`` (commit-marker mode).
+
+        Its files are fsynced and hashed where they lie and the commit record is published last: the
+        bytes are never moved. Used by ``ckptmgr seal`` and for strategies that write their own files.
+        """
+        _check_step(step, epoch)
+        self.open()
+        name = self._own_name(name)
+        directory = os.path.isdir(os.path.join(self.run_dir, name))
+        fields = ManifestFields(step=step, epoch=epoch, kind=kind or ("files" if directory else "torch"),
+                                config_fingerprint=self.config_fingerprint, metadata=dict(metadata or {}), **fields)
+        staged = StagedCheckpoint(self.storage, self.run_dir, name, new_token(), fields,
+                                  shape="directory" if directory else "file", workers=self.workers)
+        sequence = self._next_sequence()
+        path, manifest = staged.finalize_in_place(sequence=sequence)
+        self._sequence = sequence
+        self._make_durable(path)
+        append_event(self.run_dir, "save", invocation=self.invocation, name=name, step=step, epoch=epoch,
+                     sequence=sequence, bytes=manifest.total_bytes, seconds=0.0, durable_seconds=0.0)
+        return Checkpoint(path, manifest)
+
     def commit(self, handle: Staging, *, replace: bool = False) -> Checkpoint:
         """Publish a staged checkpoint; returns once it is acknowledged.
 

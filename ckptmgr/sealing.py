@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 
 from .catalog import Checkpoint
-from .commit import ManifestFields, StagedCheckpoint
 from .errors import InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
 from .manager import CheckpointManager
-from .naming import STATE_DIR, looks_like_checkpoint, new_token, parse_name
+from .naming import STATE_DIR, looks_like_checkpoint, parse_name
 from .records import read_records
 from .verify import Status, has_manifest, is_deepspeed_layout, records_for, verify_legacy
 
@@ -39,18 +38,9 @@ def seal(path: str, *, step: int | None = None, epoch: int | None = None,
                                      hint="pass --allow-unchecked to seal it anyway")
     step, epoch = _step_and_epoch(path, step, epoch)
     manager = manager or CheckpointManager(os.path.dirname(path), keep_last=None, last_alias=None)
-    manager.open()
-    directory = os.path.isdir(path)
-    kind = ("deepspeed" if is_deepspeed_layout(path) else "files") if directory else "torch"
-    fields = ManifestFields(step=step, epoch=epoch, kind=kind, load_path=".",
-                            metadata={"sealed_from": "legacy-directory" if directory else "legacy-file"})
-    staged = StagedCheckpoint(manager.storage, manager.run_dir, os.path.basename(path), new_token(), fields,
-                              shape="directory" if directory else "file", workers=manager.workers)
-    sequence = manager._next_sequence()
-    target, manifest = staged.finalize_in_place(sequence=sequence)
-    manager._sequence = sequence
-    manager._make_durable(target)
-    return Checkpoint(target, manifest)
+    kind = ("deepspeed" if is_deepspeed_layout(path) else "files") if os.path.isdir(path) else "torch"
+    origin = "legacy-directory" if os.path.isdir(path) else "legacy-file"
+    return manager.adopt(os.path.basename(path), step=step, epoch=epoch, kind=kind, metadata={"sealed_from": origin})
 
 
 def _refuse_what_is_not_a_legacy_checkpoint(path: str) -> None:

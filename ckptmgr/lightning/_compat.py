@@ -40,6 +40,11 @@ def module_for(obj: object) -> ModuleType:
     return importlib.import_module(CKPTMGR_MODULES[namespace_of(obj)])
 
 
+def module_for_trainer(trainer: object) -> ModuleType:
+    """The Lightning namespace module (``lightning.pytorch`` or ``pytorch_lightning``) of a Trainer."""
+    return importlib.import_module(namespace_of_trainer(trainer))
+
+
 def check_namespace(callback: object, trainer: object) -> None:
     ours, theirs = namespace_of(callback), namespace_of_trainer(trainer)
     if ours != theirs:

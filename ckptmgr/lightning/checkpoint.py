@@ -53,7 +53,7 @@ class ManagedCheckpointMixin:
     """The behaviour; combined with one namespace's ModelCheckpoint in ``ckptmgr.lightning`` and
     ``ckptmgr.pytorch_lightning``."""
 
-    def __init__(  # noqa: UP007, UP045 -- ModelCheckpoint's own annotations, object for object (LightningCLI)
+    def __init__(  # the annotations equal ModelCheckpoint's at run time (LightningCLI reads them)
         self,
         dirpath: str | Path | None = None,
         filename: str | None = None,
@@ -113,8 +113,10 @@ class ManagedCheckpointMixin:
         _compat.check_namespace(self, trainer)
         super().setup(trainer, pl_module, stage)  # type: ignore[misc]
         self._ensure_ready(trainer)
-        if stage == "fit" and self.manager is not None:
-            self.manager.open()  # one writer per run: a second one is refused before it trains
+        if stage == "fit" and self.manager is not None and os.path.isdir(str(self.dirpath)):
+            # One writer per run: an existing run is locked before training, so a second writer is
+            # refused before it trains. A new directory is created by the first save, as Lightning does.
+            self.manager.open()
 
     def _ensure_ready(self, trainer: Any) -> None:
         """The manager (global rank 0) and the CheckpointIO plugin; also for saves made without ``setup``."""
@@ -180,12 +182,16 @@ class ManagedCheckpointMixin:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _link_checkpoint(self, trainer: Any, filepath: str, linkpath: str) -> None:  # type: ignore[override]
-        if not (self._managed_here(filepath) and self._managed_here(linkpath)):
-            super()._link_checkpoint(trainer, filepath, linkpath)  # type: ignore[misc]
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        """``save_last="link"``: Lightning's static hook; the callback that owns ``linkpath`` swaps the link in
+        atomically (Lightning removes the old link first, then makes the new one)."""
+        owner = _owner(trainer, linkpath)
+        if owner is None or not owner._managed_here(filepath):
+            _compat.module_for_trainer(trainer).callbacks.ModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)
             return
         if os.path.abspath(filepath) != os.path.abspath(linkpath):
-            self._alias(trainer, filepath, linkpath, aliases.LINK)
+            owner._alias(trainer, filepath, linkpath, aliases.LINK)
         else:
             trainer.strategy.barrier()
 
@@ -248,9 +254,10 @@ class ManagedCheckpointMixin:
                     io.target = (handle, self.manager, self._async)
                 trainer.save_checkpoint(filepath, self.save_weights_only)  # the plugin writes into `handle`
                 if handle is not None and io.target is not None:
-                    raise UsageError(filepath, f"{type(trainer.strategy).__name__} saved without its CheckpointIO "
-                                               "plugin; ManagedCheckpoint cannot manage this strategy's saves")
-                if handle is not None and self._async is None:
+                    io.target = None
+                    self.manager.abort(handle)  # type: ignore[union-attr]
+                    self._adopt_what_the_strategy_wrote(trainer, filepath)
+                elif handle is not None and self._async is None:
                     # Lightning has applied its version counter already: a name that exists is saved over.
                     self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
         except BaseException:
@@ -260,6 +267,17 @@ class ManagedCheckpointMixin:
                 self.manager.abort(handle)  # type: ignore[union-attr]
             raise
         trainer.strategy.barrier("ckptmgr.commit")
+
+    def _adopt_what_the_strategy_wrote(self, trainer: Any, filepath: str) -> None:
+        """The strategy did not write through its CheckpointIO plugin: commit what it wrote in place."""
+        assert self.manager is not None
+        if not os.path.lexists(filepath):
+            log.warning("[ckptmgr] Trainer.save_checkpoint wrote nothing at %s: no checkpoint committed", filepath)
+            return
+        log.warning("[ckptmgr] %s wrote %s itself (not through its CheckpointIO plugin): committed in place, "
+                    "without the atomic rename", type(trainer.strategy).__name__, filepath)
+        self.manager.adopt(os.path.basename(filepath), step=trainer.global_step, epoch=trainer.current_epoch,
+                           kind="lightning", world_size=trainer.world_size, layout=_layout(trainer))
 
     def _deepspeed_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any]) -> None:
         """Every rank writes its shards into the staging directory, hashed as written; rank 0 commits."""
@@ -307,6 +325,15 @@ class ManagedCheckpointMixin:
             return
         # Restored at the first batch, after Lightning has built its iterators.
         self._rng_to_restore = state["rng"]
+
+
+def _owner(trainer: Any, path: str) -> ManagedCheckpointMixin | None:
+    """The ManagedCheckpoint of this Trainer whose directory holds ``path``."""
+    callbacks = getattr(trainer, "callbacks", None)
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        if isinstance(callback, ManagedCheckpointMixin) and callback._managed_here(path):
+            return callback
+    return None
 
 
 def _shard_hasher(trainer: Any, staging_path: str, manager: CheckpointManager | None) -> "ShardHasher":

@@ -42,13 +42,38 @@ def restore(state: dict[str, Any]) -> None:
 
 
 def capture_all_ranks() -> list[dict[str, Any]]:
-    """Every rank's state (a collective when torch.distributed is initialised)."""
+    """Every rank's state (a collective when torch.distributed is initialised).
+
+    Tensors travel as bytes in the gather: pickling a tensor calls ``torch.save`` on every rank, and a
+    rank that is not saving must not write (or be seen to write) a checkpoint.
+    """
     mine = capture()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, mine)
-        return gathered
+        torch.distributed.all_gather_object(gathered, _to_bytes(mine))
+        return [_from_bytes(state) for state in gathered]
     return [mine]
+
+
+def _to_bytes(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", str(obj.dtype).removeprefix("torch."), list(obj.shape), obj.cpu().numpy().tobytes())
+    if isinstance(obj, dict):
+        return {k: _to_bytes(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_bytes(v) for v in obj]
+    return obj
+
+
+def _from_bytes(obj: Any) -> Any:
+    if isinstance(obj, tuple) and len(obj) == 4 and obj[0] == "tensor":
+        _, dtype, shape, data = obj
+        return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape).clone()
+    if isinstance(obj, dict):
+        return {k: _from_bytes(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_bytes(v) for v in obj]
+    return obj
 
 
 def _python_state() -> list[Any]:
