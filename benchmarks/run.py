@@ -83,8 +83,8 @@ def bench_save(work: str, sizes: list[int], reps: int) -> list[dict]:
 
         def managed(manager=manager, state=state, step=step) -> float:
             for candidate in manager.checkpoints(quick=True):
-                if candidate.alias_of is None:
-                    manager.delete(candidate.path)
+                if candidate.form != "alias":
+                    manager.delete(candidate.name, force=True)
             os.sync()
             step[0] += 1
             t0 = time.perf_counter()

@@ -88,8 +88,8 @@ class Methods:
         """Delete every method's output (outside any timing) and let the disk settle."""
         for manager in (self.manager, self.saver.manager):
             for candidate in manager.checkpoints(quick=True):
-                if candidate.alias_of is None:
-                    manager.delete(candidate.path)
+                if candidate.form != "alias":
+                    manager.delete(candidate.name, force=True)
         for name in os.listdir(self.work):
             path = os.path.join(self.work, name)
             if name.startswith("dcp-"):

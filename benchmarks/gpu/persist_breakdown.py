@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 from ckptmgr import CheckpointManager, payload  # noqa: E402
 from ckptmgr.storage import LocalStorage  # noqa: E402
-from ckptmgr.verify import read_manifest  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +71,7 @@ def main() -> None:
         t0 = time.perf_counter()
         checkpoint = manager.save(state, step=step[0])
         total = time.perf_counter() - t0
-        timing = read_manifest(checkpoint.path).timing
+        timing = checkpoint.manifest.timing
         return {"total": total, "write+fsync": timing["write_seconds"], "hash_others": timing["hash_seconds"],
                 "staged": timing["stage_seconds"], "publish+alias+retention": total - timing["stage_seconds"]}
 
