@@ -108,6 +108,12 @@ class ManagedCheckpointMixin:
         own = type(self).__qualname__
         return _PARENT_NAME + key[len(own):] if key.startswith(own) else key
 
+    @property
+    def _legacy_state_key(self) -> str:
+        """The key ckptmgr 0.2 saved this callback's state under (its own class name): a run checkpointed by
+        that release resumes with its top-k and `last` bookkeeping (Lightning falls back to this key)."""
+        return type(self).__name__ + super().state_key[len(type(self).__qualname__):]  # type: ignore[misc]
+
     # -- lifecycle --------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         _compat.check_namespace(self, trainer)

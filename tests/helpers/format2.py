@@ -42,3 +42,34 @@ def write_format2_run(run_dir: str, steps=(10, 20, 30)) -> list[str]:
     paths = [write_format2_checkpoint(run_dir, step, sequence=i + 1) for i, step in enumerate(steps)]
     os.symlink(os.path.basename(paths[-1]), os.path.join(run_dir, "last.ckpt"))
     return paths
+
+
+def convert_to_format2(run_dir: str) -> list[str]:
+    """Turn each Lightning `.ckpt` file of ``run_dir`` into a format-2 checkpoint directory (as ckptmgr 0.2
+    would have written it: ``NAME/checkpoint.pt`` plus its manifest inside); `last.ckpt` becomes a symlink."""
+    names = sorted(n for n in os.listdir(run_dir) if n.endswith(".ckpt") and n != "last.ckpt"
+                   and os.path.isfile(os.path.join(run_dir, n)))
+    for sequence, name in enumerate(sorted(names, key=lambda n: torch.load(os.path.join(run_dir, n),
+                                                                          weights_only=False)["global_step"]), 1):
+        path = os.path.join(run_dir, name)
+        state = torch.load(path, weights_only=False)
+        # ckptmgr 0.2 saved the callback's state under its own class name
+        state["callbacks"] = {key.replace("TimedModelCheckpoint{", "ManagedCheckpoint{"): value
+                              for key, value in state.get("callbacks", {}).items()}
+        os.unlink(path)
+        os.makedirs(path)
+        payload = os.path.join(path, "checkpoint.pt")
+        torch.save(state, payload)
+        size = os.path.getsize(payload)
+        (digest,) = hash_files([(payload, size)])
+        manifest = Manifest(name=name, step=state["global_step"], epoch=state["epoch"], sequence=sequence,
+                            kind="lightning", load_path="checkpoint.pt",
+                            files=(FileEntry(path="checkpoint.pt", size=size, xxh3_128=digest),),
+                            created_unix=time.time(), format_version=2)
+        with open(os.path.join(path, MANIFEST_NAME), "wb") as f:
+            f.write(manifest.to_json_bytes())
+    last = os.path.join(run_dir, "last.ckpt")
+    if os.path.lexists(last):
+        os.unlink(last)
+        os.symlink(names[-1], last)
+    return names
