@@ -139,6 +139,9 @@ class StagedCheckpoint:
         if hard_links:
             for entry in entries:
                 self._hashed[self.name if self.is_file else entry.path] = entry
+        elif self.is_file:  # a copy: its own bytes are hashed (a directory's copies are hashed at finalize)
+            (copied,) = sync_and_hash(self.storage, os.path.dirname(self.path), [os.path.basename(self.path)])
+            self._hashed[self.name] = FileEntry(path=self.name, size=copied.size, xxh3_128=copied.xxh3_128)
         self.write_seconds += time.perf_counter() - started
 
     def _clone_file(self, src: str, dst: str, hard_links: bool) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 
 import pytest
+import torch
 
 from ckptmgr import CheckpointManager, UsageError
 from ckptmgr.manifest import FileEntry, Manifest
 from ckptmgr.retention import KeepEpochEnds, KeepEveryNSteps, KeepLast, select_for_deletion
-from tests.conftest import tensor_state
+from ckptmgr.storage import LocalStorage
+from tests.conftest import run_cli, tensor_state
 
 
 def m(step: int, seq: int, epoch_end: bool = False) -> Manifest:
@@ -92,3 +96,39 @@ def test_foreign_last_is_moved_aside_never_deleted(run_dir):
     with open(os.path.join(run_dir, aside[0]), "rb") as f:
         assert f.read() == b"user data"
     assert os.path.samefile(os.path.join(run_dir, "last.ckpt"), os.path.join(run_dir, "step=1.ckpt"))
+
+
+class NoLinks(LocalStorage):
+    """A filesystem (a FUSE layer, an object-store mount) that refuses hard links, symlinks, or both."""
+
+    def __init__(self, *, hard: bool, soft: bool):
+        self.hard, self.soft = hard, soft
+
+    def link(self, src, dst):
+        if not self.hard:
+            raise OSError(errno.EPERM, "Operation not permitted", dst)
+        super().link(src, dst)
+
+    def symlink(self, target, path):
+        if not self.soft:
+            raise OSError(errno.EPERM, "Operation not permitted", path)
+        super().symlink(target, path)
+
+
+@pytest.mark.parametrize("hard, soft, expected", [(True, True, "hardlink"), (False, True, "full-copy"),
+                                                  (False, False, "full-copy")])
+def test_last_falls_back_to_what_the_filesystem_holds(hard, soft, expected, run_dir):
+    with CheckpointManager(run_dir, storage=NoLinks(hard=hard, soft=soft)) as manager:
+        manager.save(tensor_state(1), step=1)
+        manager.save(tensor_state(2), step=2)
+        # Lightning's save_last="link" style: a symlink where it can be made, else the copy style.
+        link_kind = manager.point_last("step=1.ckpt", alias="link.ckpt", style="link")
+    with open(os.path.join(run_dir, ".ckptmgr", "links.json")) as f:
+        assert json.load(f) == {"hardlink": hard, "symlink": soft}  # probed once, remembered
+    state = torch.load(os.path.join(run_dir, "last.ckpt"), weights_only=True)  # plain torch.load either way
+    assert float(state["bias"][0]) == 2.0
+    listing = json.loads(run_cli("list", run_dir, "--json").stdout)
+    rows = {r["name"]: r for r in listing["checkpoints"]}
+    assert (rows["last.ckpt"]["alias"], rows["last.ckpt"]["status"]) == (expected, "valid")  # list says which
+    assert link_kind == ("symlink" if soft else expected)
+    assert os.path.islink(os.path.join(run_dir, "link.ckpt")) == soft
