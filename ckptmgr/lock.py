@@ -1,9 +1,15 @@
 """One writer per run directory.
 
-The lock is ``filelock``'s flock on ``.ckptmgr/writer.lock``: the kernel drops
-it when the holder dies, so a lock left by a killed process is recovered
-without guessing. Beside it, ``writer.json`` names the holder (host, pid,
-since) so that a refused second writer can say who holds the run.
+The lock is ``filelock``'s flock on ``.ckptmgr/writer.lock``: the kernel drops it
+when the holder dies, so a lock left by a killed process is recovered without
+guessing. Beside it, ``writer.json`` names the holder (host, pid, since) so that
+a refused second writer can say who holds the run.
+
+The writer is a process: every manager of one run in one process (the trainer's,
+the Lightning callback's, an async saver's thread) shares the one flock, counted,
+and it is released when the last of them closes. A second process is refused.
+The flock is per kernel: across machines (containers sharing a Modal Volume) see
+the writer lease in ``ckptmgr.modal``.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 
 import filelock
@@ -21,49 +28,84 @@ from .naming import STATE_DIR
 LOCK_NAME = "writer.lock"
 OWNER_NAME = "writer.json"
 
+_HELD: dict[str, list] = {}  # lock file (real path) -> [FileLock, holders in this process]
+_HELD_LOCK = threading.Lock()
+
 
 class WriterLock:
     def __init__(self, run_dir: str, *, timeout: float = 0.0):
         self.state_dir = os.path.join(run_dir, STATE_DIR)
         self.owner_path = os.path.join(self.state_dir, OWNER_NAME)
-        # Not thread-local: the lock belongs to the writer process, whose background
-        # thread (async saves) commits under it too.
-        self._lock = filelock.FileLock(os.path.join(self.state_dir, LOCK_NAME), timeout=timeout, thread_local=False)
+        self.lock_path = os.path.join(self.state_dir, LOCK_NAME)
         self.timeout = timeout
+        self._key: str | None = None
 
     @property
     def held(self) -> bool:
-        return self._lock.is_locked
+        return self._key is not None
 
     def acquire(self) -> None:
-        try:
-            os.makedirs(self.state_dir, exist_ok=True)
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise WriterLockedError(
-                os.path.dirname(self.state_dir),
-                f"another writer holds this run directory ({describe_owner(self.owner_path)})",
-                hint="stop that process, or use a different run directory",
-            ) from None
-        except OSError as exc:
-            raise from_os_error(self.state_dir, "taking the writer lock", exc) from exc
-        self._write_owner()
-
-    def release(self) -> None:
-        if not self._lock.is_locked:
+        if self._key is not None:
             return
         try:
-            os.unlink(self.owner_path)
-        except OSError:
-            pass
-        self._lock.release()
+            os.makedirs(self.state_dir, exist_ok=True)
+            key = os.path.realpath(self.lock_path)
+        except OSError as exc:
+            raise from_os_error(self.state_dir, "creating ckptmgr's state directory", exc) from exc
+        with _HELD_LOCK:
+            if key in _HELD:  # this process is the writer already
+                _HELD[key][1] += 1
+                self._key = key
+                return
+            # Not thread-local: the lock belongs to the writer process, whose background
+            # thread (async saves) commits under it too.
+            lock = filelock.FileLock(self.lock_path, timeout=self.timeout, thread_local=False)
+            try:
+                lock.acquire()
+            except filelock.Timeout:
+                raise WriterLockedError(
+                    os.path.dirname(self.state_dir),
+                    f"another writer holds this run directory ({describe_owner(self.owner_path)})",
+                    hint="stop that process, or use a different run directory",
+                ) from None
+            except OSError as exc:
+                raise from_os_error(self.state_dir, "taking the writer lock", exc) from exc
+            try:
+                self._write_owner()
+            except OSError as exc:
+                lock.release()
+                raise from_os_error(self.owner_path, "recording the writer", exc) from exc
+            _HELD[key] = [lock, 1]
+            self._key = key
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        with _HELD_LOCK:
+            entry = _HELD[self._key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[self._key]
+                try:
+                    os.unlink(self.owner_path)
+                except OSError:
+                    pass
+                entry[0].release()
+            self._key = None
 
     def _write_owner(self) -> None:
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "since_unix": time.time()}
         tmp = f"{self.owner_path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(owner, f)
-        os.replace(tmp, self.owner_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(owner, f)
+            os.replace(tmp, self.owner_path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
 
 def read_owner(owner_path: str) -> dict | None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .storage import LocalStorage
+from .storage import LocalReader, LocalStorage
 
 
 class InjectedCrash(BaseException):
@@ -258,3 +258,34 @@ class FailingHook:
             time.sleep(self.hang_s)
         if self.error is not None:
             raise self.error
+
+
+class FaultyReader(LocalReader):
+    """The read seam with faults: reads of matching paths raise the OSError a bad disk or mount gives.
+
+    ``what`` is ``"manifest"`` (commit records and manifests inside directories), ``"payload"`` (files
+    hashed by verification) or ``"any"``; ``errno_`` is EIO, ESTALE or EACCES; ``match`` limits the
+    fault to paths containing that text; ``times`` is how many reads fail (None: every one).
+    """
+
+    def __init__(self, *, what: str = "any", errno_: int = errno.EIO, match: str = "", times: int | None = None):
+        if what not in ("manifest", "payload", "any"):
+            raise ValueError(f"unknown read fault target {what!r}")
+        self.what, self.errno, self.match, self.times = what, errno_, match, times
+        self.failed: list[str] = []
+
+    def _maybe_fail(self, kind: str, path: str) -> None:
+        if self.what not in (kind, "any") or self.match not in path:
+            return
+        if self.times is not None and len(self.failed) >= self.times:
+            return
+        self.failed.append(path)
+        raise OSError(self.errno, os.strerror(self.errno), path)
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        self._maybe_fail("manifest", path)
+        return super().read_small(path, limit)
+
+    def open_read(self, path: str) -> int:
+        self._maybe_fail("payload", path)
+        return super().open_read(path)

@@ -245,3 +245,44 @@ def test_async_save_resume_after_sigkill_is_bitwise_identical(reference, tmp_pat
     code, out, err = run_trainer(output, "run", "--max-steps", str(STEPS), "--async-save")
     assert code == 0, err
     assert_identical(reference[1], final_state(output, "run"))
+
+
+@pytest.mark.parametrize("second", [[], ["--no-resume"]], ids=["resume", "no-resume"])
+def test_a_second_trainer_is_refused_before_it_trains_or_moves_anything(second, tmp_path):
+    output = str(tmp_path)
+    run_dir = os.path.join(output, "runs", "run")
+    first = trainer(output, "run", "--max-steps", "100000")
+    try:
+        wait_for_step(run_dir, 20, first)
+        started = time.monotonic()
+        code, out, err = run_trainer(output, "run", "--max-steps", "100000", *second, timeout=120)
+        assert code == 5 and "another writer holds this run directory" in err and "Traceback" not in err
+        assert f"pid {first.pid}" in err
+        assert time.monotonic() - started < 60  # refused at start, not after training for a while
+        assert sorted(os.listdir(os.path.join(output, "runs"))) == ["run"]  # nothing moved aside
+        assert first.poll() is None  # the first writer goes on
+        wait_for_step(run_dir, 40, first)
+    finally:
+        first.kill()
+        first.communicate()
+    with open(os.path.join(run_dir, ".ckptmgr", "journal.jsonl")) as f:
+        invocations = {json.loads(line)["invocation"] for line in f if '"save"' in line}
+    assert len(invocations) == 1  # one writer's saves only
+
+
+def test_a_run_path_that_is_a_file_is_refused_before_anything(tmp_path):
+    os.makedirs(tmp_path / "runs")
+    (tmp_path / "runs" / "run").write_text("not a directory")
+    code, out, err = run_trainer(str(tmp_path), "run", "--max-steps", "20")
+    assert code == 2 and "exists and is not a directory" in err and "starting fresh" not in err
+    assert "Traceback" not in err
+
+
+def test_no_resume_with_a_name_at_the_length_limit(tmp_path):
+    name = "r" * 240
+    assert run_trainer(str(tmp_path), name, "--max-steps", "20")[0] == 0
+    code, out, err = run_trainer(str(tmp_path), name, "--max-steps", "20", "--no-resume")
+    assert code == 0, err
+    moved = [n for n in os.listdir(tmp_path / "runs") if ".superseded-" in n]
+    assert len(moved) == 1 and len(moved[0].encode()) <= 255
+    assert resolve(str(tmp_path / "runs" / moved[0])).step == 20

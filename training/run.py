@@ -17,8 +17,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ckptmgr import CheckpointManager, config_fingerprint
+from ckptmgr import CheckpointManager, UsageError, config_fingerprint
+from ckptmgr.errors import from_os_error
 from ckptmgr.lightning import ManagedCheckpoint, Preemption, TimeBudget, parse_duration, resume_checkpoint
+from ckptmgr.lightning.resume import global_rank as _global_rank
+from ckptmgr.naming import NAME_MAX, stem
 from ckptmgr.storage import DurabilityHook
 
 from .model import TinyTransformer
@@ -91,19 +94,59 @@ class RunResult:
 
 
 def supersede(run_dir: str) -> str | None:
-    """Move an existing run directory aside (never delete it); return where it went."""
+    """Move an existing run directory aside (never delete it); return where it went.
+
+    The aside name is ``{run_name}.superseded-<UTC time>``, shortened (with a hash of the whole name) where
+    that would pass the 255-byte limit of a file name.
+    """
     if not os.path.exists(run_dir) or not os.listdir(run_dir):
         return None
-    aside = f"{run_dir}.superseded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    parent, name = os.path.split(os.path.abspath(run_dir))
+    suffix = f".superseded-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if len(os.fsencode(name + suffix)) > NAME_MAX:
+        name = stem(name)[: NAME_MAX - len(suffix) - 17] + "~" + config_fingerprint(name)[:16]
+    aside = os.path.join(parent, name + suffix)
     os.rename(run_dir, aside)
     log.warning("[ckptmgr] --no-resume: moved %s to %s (nothing deleted)", run_dir, aside)
     return aside
 
 
+def take_the_run(config: TrainConfig) -> CheckpointManager | None:
+    """The writer lock, before anything is read, moved or trained (global rank 0 only: other ranks are this
+    writer's processes). A second writer is refused here, before it trains. ``--no-resume`` moves the old run
+    aside only while holding its lock, then takes the fresh directory's."""
+    if _global_rank() != 0:
+        return None
+    if os.path.lexists(config.run_dir) and not os.path.isdir(config.run_dir):
+        raise UsageError(config.run_dir, "the run directory path exists and is not a directory")
+    writer = CheckpointManager(config.run_dir, keep_last=None, last_alias=None).open()
+    if config.resume:
+        return writer
+    try:
+        moved = supersede(config.run_dir)
+    except OSError as exc:
+        writer.close()
+        raise from_os_error(config.run_dir, "moving the old run aside", exc) from exc
+    if moved is None:
+        return writer
+    fresh = CheckpointManager(config.run_dir, keep_last=None, last_alias=None).open()
+    writer.close()  # the old run's lock, now in the directory set aside
+    return fresh
+
+
 def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
           started_at: float | None = None) -> RunResult:
     started_at = time.time() if started_at is None else started_at
-    if not config.resume:
+    writer = take_the_run(config) if config.checkpointing == "managed" else None
+    try:
+        return _train(config, durability, started_at)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _train(config: TrainConfig, durability: DurabilityHook | None, started_at: float) -> RunResult:
+    if config.checkpointing != "managed" and not config.resume:
         supersede(config.run_dir)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     found = None

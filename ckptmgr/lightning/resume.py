@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..catalog import Checkpoint
-from ..errors import NoValidCheckpointError
+from ..errors import NotACheckpointError, NoValidCheckpointError
 from ..manager import CheckpointManager
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,13 @@ def resume_checkpoint(run_dir: str, *, allow_fresh: bool = False, config_fingerp
     ``quarantine`` (default: on the global rank 0 process) moves corrupt
     candidates newer than the pick aside, taking the writer lock briefly.
     """
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise NotACheckpointError(run_dir, "not a run directory (it exists and is not a directory)")
     if not os.path.isdir(run_dir):
         log.info("[ckptmgr] %s does not exist yet: starting fresh", run_dir)
         return None
     if quarantine is None:
-        quarantine = _global_rank() == 0
+        quarantine = global_rank() == 0
     manager = CheckpointManager(run_dir, config_fingerprint=config_fingerprint)
     try:
         with manager if quarantine else contextlib.nullcontext():
@@ -48,7 +50,7 @@ def resume_checkpoint(run_dir: str, *, allow_fresh: bool = False, config_fingerp
     return found
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     """The process's global rank before any Trainer exists (launchers set RANK or LOCAL_RANK)."""
     for variable in ("RANK", "GLOBAL_RANK", "LOCAL_RANK"):
         if os.environ.get(variable, "").isdigit():
