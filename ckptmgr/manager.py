@@ -674,10 +674,7 @@ def _policies(keep_last: int | None, every_n: int | None, keep_epochs: int | Non
     """``keep_last=None`` turns retention off: every checkpoint is kept."""
     if keep_last is None:
         return []
-    try:
-        policies: list[RetentionPolicy] = [KeepEpochEnds(n=keep_epochs), KeepLast(n=keep_last)]
-        if every_n is not None:
-            policies.append(KeepEveryNSteps(n=every_n))
-    except ValueError as exc:
-        raise UsageError(None, str(exc)) from exc
+    policies: list[RetentionPolicy] = [KeepEpochEnds(n=keep_epochs), KeepLast(n=keep_last)]
+    if every_n is not None:
+        policies.append(KeepEveryNSteps(n=every_n))
     return policies

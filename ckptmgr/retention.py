@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .errors import UsageError
 from .manifest import Manifest
 
 
@@ -30,8 +31,8 @@ class KeepLast:
     n: int
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"keep_last must be >= 1, got {self.n}")
+        if not _is_int(self.n) or self.n < 1:
+            raise UsageError(None, f"keep_last must be an int >= 1, got {self.n!r}")
 
     def keep(self, ordered: Sequence[Manifest]) -> set[int]:
         return {m.sequence for m in ordered[: self.n]}
@@ -44,8 +45,8 @@ class KeepEveryNSteps:
     n: int
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"keep_every_n_steps must be >= 1, got {self.n}")
+        if not _is_int(self.n) or self.n < 1:
+            raise UsageError(None, f"keep_every_n_steps must be an int >= 1, got {self.n!r}")
 
     def keep(self, ordered: Sequence[Manifest]) -> set[int]:
         return {m.sequence for m in ordered if m.step % self.n == 0}
@@ -58,12 +59,16 @@ class KeepEpochEnds:
     n: int | None = None
 
     def __post_init__(self) -> None:
-        if self.n is not None and self.n < 0:
-            raise ValueError(f"keep_epochs must be >= 0 or None, got {self.n}")
+        if self.n is not None and (not _is_int(self.n) or self.n < 0):
+            raise UsageError(None, f"keep_epochs must be an int >= 0 or None, got {self.n!r}")
 
     def keep(self, ordered: Sequence[Manifest]) -> set[int]:
         ends = [m.sequence for m in ordered if m.epoch_end]
         return set(ends if self.n is None else ends[: self.n])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def select_for_deletion(

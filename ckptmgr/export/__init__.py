@@ -26,10 +26,10 @@ import torch
 from ..catalog import Checkpoint
 from ..commit import ManifestFields, StagedCheckpoint, abandon
 from ..errors import CkptMgrError, InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
-from ..naming import LEGACY_STAGING_PREFIX, internal_name, new_token
+from ..naming import LEGACY_STAGING_PREFIX, STATE_DIR, internal_name, new_token
 from ..storage import LocalStorage
 from ..verify import Status, has_manifest, read_manifest, verify_checkpoint
-from .writers import Planned, plan_shards, safetensors_header, write_tensor_bytes
+from .writers import SAFETENSORS_DTYPES, Planned, plan_shards, safetensors_header, write_tensor_bytes
 from .zero import TensorSpec, ZeroReader, find_zero_dir
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ def _check_source(src: str, force: bool) -> tuple[str, str, int]:
     """Verify the source; return (path to read, kind, step)."""
     if not os.path.lexists(src):
         raise PathNotFoundError(src, "no such checkpoint")
+    if os.path.isdir(src) and not os.listdir(src):
+        raise NotACheckpointError(src, "an empty directory is not a checkpoint")
+    if os.path.isdir(src) and os.path.isdir(os.path.join(src, STATE_DIR)):
+        raise UsageError(src, "this is a run directory", hint="pass one checkpoint in it (`ckptmgr resolve` "
+                                                              "prints the newest)")
     result = verify_checkpoint(src)
     if not result.status.ok:
         if not force:
@@ -120,6 +125,11 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
         reader = _FileReader(inner, unsafe=unsafe_load)
     cast = DTYPES[dtype or ("fp32" if zero_dir else "keep")]
     planned = _plan(reader.specs(), cast, strip_prefixes, src)
+    if fmt == "safetensors":
+        unsupported = sorted({str(p.dtype) for p in planned if p.dtype not in SAFETENSORS_DTYPES})
+        if unsupported:
+            raise UsageError(src, f"safetensors has no dtype for {', '.join(unsupported)}",
+                             hint="export with --format bin, or cast with --dtype")
     stem, suffix = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
     shards = plan_shards(planned, stem=stem, suffix=suffix, max_bytes=max_shard_bytes)
     if on_plan is not None:
