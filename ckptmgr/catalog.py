@@ -160,6 +160,10 @@ def check_run_dir(run_dir: str) -> None:
         raise from_os_error(run_dir, "opening the run directory", exc) from exc
     if not stat.S_ISDIR(mode):
         raise NotACheckpointError(run_dir, "not a run directory (not a directory)")
+    try:
+        os.scandir(run_dir).close()
+    except OSError as exc:
+        raise from_os_error(run_dir, "listing the run directory", exc) from exc
 
 
 def _managed(run_dir: str, records: list[Record], entries: set[str]) -> dict[str, Candidate]:

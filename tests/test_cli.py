@@ -8,7 +8,7 @@ import os
 import pytest
 
 from ckptmgr.records import read_records
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.test_corruption import snapshot
 
 
@@ -133,19 +133,56 @@ EVERY_COMMAND = [["verify", "{p}"], ["list", "{p}"], ["resolve", "{p}"], ["seal"
                  ["timeline", "{p}", "-o", "{out}.png"]]
 
 
-@pytest.mark.parametrize("command", EVERY_COMMAND, ids=[c[0] for c in EVERY_COMMAND])
-@pytest.mark.parametrize("kind", ["text-file", "missing"])
-def test_every_command_refuses_bad_input_in_one_line(command, kind, tmp_path):
-    path = tmp_path / "notes.txt"
+def readme_exit_codes() -> dict[str, int]:
+    """README's exit-code table: the meaning each bad input below is held to."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        rows = [line.split("|") for line in f if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    table = {row[2].strip(): int(row[1]) for row in rows}
+    return {"missing": _code(table, "does not exist"), "text-file": _code(table, "not a run directory"),
+            "empty-dir": _code(table, "an empty directory,"), "fifo": _code(table, "a FIFO"),
+            "unreadable": _code(table, "permission denied"), "nothing-valid": _code(table, "an empty run directory")}
+
+
+def _code(table: dict[str, int], words: str) -> int:
+    (code,) = [c for meaning, c in table.items() if words in meaning]
+    return code
+
+
+def make_bad_input(kind: str, tmp_path) -> str:
+    path = tmp_path / "input"
     if kind == "text-file":
         path.write_text("not a checkpoint")
-    else:
-        path = tmp_path / "missing"
+    elif kind == "empty-dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "unreadable":
+        path.mkdir()
+        (path / "epoch=0-step=1.ckpt").write_bytes(b"x")
+        os.chmod(path, 0o000)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND, ids=[c[0] for c in EVERY_COMMAND])
+@pytest.mark.parametrize("kind", ["text-file", "missing", "empty-dir", "fifo", "unreadable"])
+def test_every_command_refuses_bad_input_in_one_line(command, kind, tmp_path):
+    """The same bad input gets the same exit code from every command: the one README's table gives."""
+    path = make_bad_input(kind, tmp_path)
     args = [a.format(p=path, out=tmp_path / "out") for a in command]
-    before = snapshot(str(tmp_path))
-    proc = run_cli(*args)
-    # The same condition, the same exit code, whatever the command: 2 missing, 3 not a checkpoint / run.
-    assert proc.returncode == (2 if kind == "missing" else 3), (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("ckptmgr: error: ")
-    assert snapshot(str(tmp_path)) == before  # nothing created or modified
+    try:
+        before = snapshot(str(tmp_path))
+        proc = run_cli(*args, unprivileged=kind == "unreadable")
+    finally:
+        if kind == "unreadable":
+            os.chmod(path, 0o755)
+    expected = readme_exit_codes()[kind]
+    if kind == "empty-dir" and command[0] in ("list", "resolve", "estimate", "walk", "timeline"):
+        # An empty directory is a run with nothing in it yet: nothing to resume (1), nothing wrong (walk: 0),
+        # no journal to draw (timeline: 3, as a checkpoint command given it).
+        expected = {"walk": 0, "timeline": 3}.get(command[0], readme_exit_codes()["nothing-valid"])
+    assert proc.returncode == expected, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    if expected > 1:  # an error, not a verdict and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith("ckptmgr: error: ")
+    if kind != "unreadable":
+        assert snapshot(str(tmp_path)) == before  # nothing created or modified

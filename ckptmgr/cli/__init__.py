@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     parser = _Parser(prog="ckptmgr", description="Atomic, checksummed checkpoints: verify, inspect, resolve, seal.",
-                     epilog="Exit codes: 0 ok, 1 invalid/none valid, 2 usage or not found, 3 not a checkpoint, "
-                            "4 permission denied, 5 run locked by another writer, 6 commit failed, "
-                            "7 config mismatch, 130 interrupted.")
+                     epilog="Exit codes: 0 ok, 1 invalid/none valid, 2 usage or not found, 3 not a checkpoint "
+                            "or run directory, 4 permission denied, 5 run locked by another writer, 6 save failed, "
+                            "7 config mismatch, 8 storage error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"ckptmgr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
