@@ -14,7 +14,7 @@ from ckptmgr.async_save import AsyncCheckpointer, SnapshotBuffers
 from ckptmgr.storage import LocalStorage
 from ckptmgr.testing import FailingHook, Fault, FaultyStorage
 from tests.conftest import tensor_state
-from tests.test_corruption import flip
+from tests.helpers.files import flip
 
 
 def test_snapshot_is_a_copy_and_buffers_are_reused():

@@ -9,7 +9,7 @@ import pytest
 
 from ckptmgr.records import read_records
 from tests.conftest import REPO, run_cli
-from tests.test_corruption import snapshot
+from tests.helpers.files import snapshot
 
 
 def assert_one_line_error(proc, code: int, text: str) -> None:

@@ -10,7 +10,6 @@ directories have matrices of their own below.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from ckptmgr.catalog import resolve
 from ckptmgr.naming import MANIFESTS_DIR, STAGING_DIR, TRASH_DIR
 from ckptmgr.records import read_records
 from tests.conftest import run_cli, tensor_state
-from tests.test_manifest import resigned
+from tests.helpers.files import flip, resigned, snapshot
 
 NEWEST = "epoch=0-step=30.ckpt"
 OLDER = "epoch=0-step=20.ckpt"
@@ -35,16 +34,6 @@ def payload(run_dir: str, name: str = NEWEST) -> str:
 def record_of(run_dir: str, name: str = NEWEST) -> str:
     (record,) = [r.path for r in read_records(run_dir) if r.manifest is not None and r.manifest.name == name]
     return record
-
-
-def flip(path: str, where: str) -> None:
-    size = os.path.getsize(path)
-    offset = {"start": 0, "middle": size // 2, "end": size - 1}[where]
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def edit_record(path: str, change, *, resign: bool) -> None:
@@ -145,20 +134,6 @@ CASES = {
     "half-deleted": (_half_deleted, NEWEST, 0, "3 checked, 0 invalid", False),
     "last-points-at-corrupt": (_last_corrupt, OLDER, 1, "xxh3_128 mismatch", True),
 }
-
-
-def snapshot(root: str) -> dict[str, tuple]:
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            digest = None
-            if os.path.isfile(p) and not os.path.islink(p):
-                with open(p, "rb") as f:
-                    digest = hashlib.md5(f.read()).hexdigest()
-            state[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return state
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

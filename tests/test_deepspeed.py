@@ -21,7 +21,7 @@ from ckptmgr import CheckpointManager, ConfigMismatchError
 from ckptmgr.catalog import resolve
 from ckptmgr.verify import Status, list_tree, verify_checkpoint
 from tests.conftest import REPO, run_cli
-from tests.test_legacy import flip_inside_record
+from tests.helpers.files import flip_inside_record
 
 # One xdist worker runs them all, so each torchrun launch happens once (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("deepspeed")

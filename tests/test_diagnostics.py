@@ -12,8 +12,7 @@ from ckptmgr import CheckpointManager
 from ckptmgr.journal import journal_path
 from ckptmgr.records import read_records
 from tests.conftest import run_cli, tensor_state
-from tests.test_corruption import flip, snapshot
-from tests.test_legacy import deepspeed_dir, flip_inside_record, torch_file
+from tests.helpers.files import deepspeed_dir, flip, flip_inside_record, snapshot, torch_file
 
 
 def build_tree(root: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from ckptmgr import CheckpointManager, CkptMgrError, CommitError
 from ckptmgr.catalog import resolve
 from tests.conftest import tensor_state
-from tests.test_training import run_trainer
+from tests.helpers.trainer import run_trainer
 
 
 @pytest.fixture

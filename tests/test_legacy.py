@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
-import zipfile
 
 import pytest
 import torch
@@ -13,37 +11,8 @@ import torch
 from ckptmgr import CheckpointManager, InvalidCheckpointError, UsageError
 from ckptmgr.testing import Fault, FaultyStorage, InjectedCrash
 from ckptmgr.verify import Status, verify_checkpoint
-from tests.conftest import run_cli, tensor_state
-from tests.test_corruption import snapshot
-
-
-def torch_file(path: str, step: int = 1) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"state_dict": tensor_state(step), "global_step": step}, path)
-    return path
-
-
-def flip_inside_record(path: str) -> None:
-    """Flip a byte inside a tensor record's data (not in zip headers)."""
-    with zipfile.ZipFile(path) as z:
-        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 100)
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset + 26)  # the local header's own name and extra lengths
-        name_len, extra_len = struct.unpack("<HH", f.read(4))
-        f.seek(info.header_offset + 30 + name_len + extra_len + 10)
-        b = f.read(1)[0]
-        f.seek(-1, 1)
-        f.write(bytes([b ^ 1]))
-
-
-def deepspeed_dir(path: str) -> str:
-    os.makedirs(os.path.join(path, "checkpoint"))
-    with open(os.path.join(path, "latest"), "w") as f:
-        f.write("checkpoint")
-    torch.save({"module": tensor_state(1)}, os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt"))
-    torch.save({"optimizer": tensor_state(2)}, os.path.join(path, "checkpoint",
-                                                            "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
-    return path
+from tests.conftest import run_cli
+from tests.helpers.files import deepspeed_dir, flip_inside_record, snapshot, torch_file
 
 
 def test_legacy_file_crc_ok_and_flipped(tmp_path):

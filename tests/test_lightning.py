@@ -20,7 +20,7 @@ import torch
 
 from ckptmgr import CheckpointManager, InvalidCheckpointError
 from tests.conftest import REPO
-from tests.test_corruption import flip
+from tests.helpers.files import flip
 
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 CKPTMGR = {"lightning.pytorch": "ckptmgr.lightning", "pytorch_lightning": "ckptmgr.pytorch_lightning"}

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from ckptmgr.errors import ManifestError
-from ckptmgr.hashing import digest_bytes
 from ckptmgr.manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
+from tests.helpers.files import resigned
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 HASH = "ab" * 16
@@ -28,15 +28,6 @@ def single_file(**overrides) -> Manifest:
     name = overrides.pop("name", "epoch=0-step=5.ckpt")
     return sample(name=name, shape="file", kind="lightning", load_path=name,
                   files=(FileEntry(path=name, size=10, xxh3_128=HASH),), **overrides)
-
-
-def resigned(body: dict) -> bytes:
-    """Re-compute the self-hash so only the field under test is wrong."""
-    body = dict(body)
-    body.pop("manifest_xxh3_128", None)
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    body["manifest_xxh3_128"] = digest_bytes(canonical)
-    return json.dumps(body).encode()
 
 
 def test_round_trip():

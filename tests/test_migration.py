@@ -12,7 +12,7 @@ from ckptmgr import CheckpointManager
 from ckptmgr.catalog import resolve, scan
 from tests.conftest import tensor_state
 from tests.helpers.format2 import convert_to_format2, write_format2_run
-from tests.test_training import run_trainer
+from tests.helpers.trainer import run_trainer
 
 
 def test_a_format2_run_continues_in_format3(tmp_path):

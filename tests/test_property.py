@@ -17,7 +17,7 @@ from ckptmgr import CheckpointManager
 from ckptmgr.catalog import resolve
 from ckptmgr.naming import MANIFESTS_DIR, STAGING_DIR
 from ckptmgr.records import read_records
-from tests.test_manifest import resigned
+from tests.helpers.files import resigned
 
 DAMAGE = ["none", "flip", "truncate", "delete-payload", "delete-record", "garble-record", "superseded-record",
           "unpublished-record"]
