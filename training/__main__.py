@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_lightning() -> None:
+def quiet_lightning() -> None:
     """Keep the output to what the user needs: progress, the resume decision, the summary."""
     import warnings
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .run import TrainConfig, train
 
-    _quiet_lightning()
+    quiet_lightning()
 
     as_json = args.__dict__.pop("json")
     config = TrainConfig(**vars(args))

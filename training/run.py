@@ -79,11 +79,16 @@ class RunResult:
     end_step: int
     max_steps: int
     complete: bool
-    stop_reason: str
+    stop_reason: str  # for people: "time budget", "signal 2 (checkpoint saved)", ...
     checkpoints_written: int
     save_seconds: float
     wall_seconds: float
     global_rank: int = 0
+    # For programs: "complete", "time_budget", "preempted" (SIGTERM/SIGINT: run the same input again),
+    # "cancelled" (SIGUSR1: a person stopped it); the signal and whether its checkpoint was saved.
+    stop: str = "complete"
+    signal: int | None = None
+    checkpoint_saved: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -183,6 +188,8 @@ def _train(config: TrainConfig, durability: DurabilityHook | None, started_at: f
         stop_reason=_stop_reason(trainer, config, budget, preemption),
         checkpoints_written=len(checkpoint.save_seconds), save_seconds=round(sum(checkpoint.save_seconds), 3),
         wall_seconds=round(time.time() - started_at, 3), global_rank=trainer.global_rank,
+        stop=_stop(trainer, config, budget, preemption), signal=preemption.received,
+        checkpoint_saved=preemption.outcome == "saved" or trainer.global_step == _last_saved_step(checkpoint),
     )
 
 
@@ -200,6 +207,18 @@ def _complete(trainer: pl.Trainer, config: TrainConfig) -> bool:
     if config.max_steps > 0 and trainer.global_step >= config.max_steps:
         return True
     return config.max_epochs > 0 and trainer.current_epoch >= config.max_epochs
+
+
+def _stop(trainer: pl.Trainer, config: TrainConfig, budget: Any, preemption: Any) -> str:
+    if preemption.stop is not None:
+        return preemption.stop
+    if budget is not None and budget.stopped:
+        return "time_budget"
+    return "complete" if _complete(trainer, config) else "max_epochs"
+
+
+def _last_saved_step(checkpoint: Any) -> int | None:
+    return getattr(checkpoint, "_last_global_step_saved", None) if checkpoint.save_seconds else None
 
 
 def _stop_reason(trainer: pl.Trainer, config: TrainConfig, budget: Any, preemption: Any) -> str:

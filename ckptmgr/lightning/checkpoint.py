@@ -99,6 +99,7 @@ class ManagedCheckpointMixin:
                                  "config_fingerprint": config_fingerprint}
         self.manager: CheckpointManager | None = None
         self.save_seconds: list[float] = []  # wall time of each save, for stop decisions
+        self.history_save_seconds: float | None = None  # the slowest of the run's recent saves, from its journal
         self._rng_to_restore: list[dict[str, Any]] | None = None
 
     @property
@@ -119,6 +120,8 @@ class ManagedCheckpointMixin:
         _compat.check_namespace(self, trainer)
         super().setup(trainer, pl_module, stage)  # type: ignore[misc]
         self._ensure_ready(trainer)
+        if self.dirpath is not None and os.path.isdir(str(self.dirpath)):
+            self.history_save_seconds = recent_save_seconds(str(self.dirpath))
         if stage == "fit" and self.manager is not None and os.path.isdir(str(self.dirpath)):
             # One writer per run: an existing run is locked before training, so a second writer is
             # refused before it trains. A new directory is created by the first save, as Lightning does.
@@ -310,9 +313,10 @@ class ManagedCheckpointMixin:
         return self._last_checkpoint_saved
 
     def predicted_save_seconds(self) -> float | None:
-        """The slowest recent save (with async saves: its stall plus its background persist)."""
+        """The slowest recent save (with async saves: its stall plus its background persist); before this
+        process has saved, the slowest of the run's recent saves recorded in its journal."""
         if not self.save_seconds:
-            return None
+            return self.history_save_seconds
         persist = max(self._async.persist_seconds[-5:], default=0.0) if self._async is not None else 0.0
         return max(self.save_seconds[-5:]) + persist
 
@@ -331,6 +335,15 @@ class ManagedCheckpointMixin:
             return
         # Restored at the first batch, after Lightning has built its iterators.
         self._rng_to_restore = state["rng"]
+
+
+def recent_save_seconds(run_dir: str, *, last: int = 5) -> float | None:
+    """The slowest of the run's last saves, as its journal records them (None without history)."""
+    from ..journal import read_events
+
+    seconds = [e["seconds"] for e in read_events(run_dir) if e["event"] == "save" and isinstance(e.get("seconds"),
+                                                                                                (int, float))]
+    return max(seconds[-last:]) if seconds else None
 
 
 def _owner(trainer: Any, path: str) -> ManagedCheckpointMixin | None:

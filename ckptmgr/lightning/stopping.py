@@ -68,10 +68,20 @@ class TimeBudgetMixin:
         self.started_at = time.time() if started_at is None else started_at
         self.stopped = False
 
+    def _fit_margin(self, trainer: Any) -> None:
+        """A margin (plus the predicted save) as long as the budget itself would stop at once: scale it down."""
+        reserved = self.margin_s + self.safety * _predicted_save_s(trainer)
+        if reserved >= 0.5 * self.budget_s:
+            scaled = max(0.0, 0.5 * self.budget_s - self.safety * _predicted_save_s(trainer))
+            log.warning("[ckptmgr] time budget %.0f s: a margin of %.0f s plus the predicted save would leave no time "
+                        "to train; using a margin of %.0f s", self.budget_s, self.margin_s, scaled)
+            self.margin_s = scaled
+
     def seconds_left(self) -> float:
         return self.started_at + self.budget_s - time.time()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fit_margin(trainer)
         for callback in trainer.callbacks:
             if type(callback).__name__ == "Timer" and getattr(callback, "_duration", None):
                 log.warning("[ckptmgr] Trainer(max_time=...) is cumulative across resumes; "
@@ -110,6 +120,14 @@ class PreemptionMixin:
         self.received_at: float | None = None
         self.outcome: str | None = None  # "saved" | "skipped" once handled
         self._previous: dict[int, Any] = {}
+
+    @property
+    def stop(self) -> str | None:
+        """What the signal meant: ``"preempted"`` (SIGTERM, SIGINT: the platform will restart this input) or
+        ``"cancelled"`` (SIGUSR1: a person stopped it); None without a signal."""
+        if self.received is None:
+            return None
+        return "cancelled" if self.received == signal.SIGUSR1 else "preempted"
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:

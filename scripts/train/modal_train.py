@@ -1,19 +1,29 @@
 """Train on Modal across 24 h invocations, durably, with one command.
 
-    modal run scripts/train/modal_train.py --run-name my-run --max-steps 200000 --auto-continue
+    modal run scripts/train/modal_train.py --run-name my-run --max-steps 200000 --gpu H100:8 --auto-continue
     modal run --detach scripts/train/modal_train.py --run-name my-run --auto-continue   # survives the laptop
     modal run scripts/train/modal_train.py::walk                                       # the volume doctor
+    modal run scripts/train/modal_train.py::verify --path /output/en-zh/runs/my-run
+    modal run scripts/train/modal_train.py::seal --path /output/en-zh/runs/my-run/last.ckpt --step 12000
     modal run scripts/train/modal_train.py::export --src /output/en-zh/runs/my-run/last.ckpt
 
-Each invocation trains within its own time budget (the function's timeout
-minus a margin), saves through ckptmgr, and commits the Volume after every
-publish: a save is acknowledged only when ``volume.commit()`` returned. With
-``--auto-continue`` an invocation that stopped on its budget spawns the next
-one itself (so the chain goes on without the local client), until training is
-complete or ``--max-invocations`` is reached.
+One `modal run` is one *chain* of invocations of ``train`` on one run directory:
 
-Locally, ``CKPTMGR_LOCAL_VOLUME=DIR`` makes DIR stand in for the Volume mount:
-``train.local(...)`` then runs the same code path with no Modal account.
+1. ``prepare`` (CPU, not retried on a GPU) refuses a second chain while one is live, does the fresh
+   start (``--no-resume-training``: the old run moved aside, never deleted) once, checks that the run
+   resolves and its config matches, records the chain on the Volume and commits.
+2. ``train`` (GPU, ``single_use_containers``, one container at a time, retried) is admitted by the
+   chain record (a retry of an input that already spawned its successor returns at once; an input that
+   is not the recorded successor refuses), takes the run's writer lease, trains within its budget with
+   rank 0 in the function's own process (ranks 1..N-1 as subprocesses: training/launch.py), and every
+   save is acknowledged only after ``volume.commit()``. A preemption (SIGINT) saves if the save fits the
+   grace period and ends in ``KeyboardInterrupt``, so Modal restarts the same input, which resumes. With
+   ``--auto-continue`` an invocation that stopped on its budget commits, then spawns its successor on the
+   same GPU spec.
+
+Offline, ``CKPTMGR_LOCAL_VOLUME=DIR`` makes DIR stand in for the Volume mount (``train.local(...)``), and
+``ckptmgr.modal_sim`` runs these functions the way Modal's runtime would (fresh process per input,
+SIGINT then SIGKILL, retries, per-container Volume views): that is how the tests run them.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import sys
+import uuid
 from typing import Any
 
 import modal
@@ -32,9 +44,12 @@ MOUNT = "/output"
 GPU = os.environ.get("CKPTMGR_GPU", "H100:8")
 TIMEOUT_S = 86400  # Modal's per-attempt maximum: 24 h
 BUDGET_MARGIN_S = 1800  # stop training this long before the timeout; the save's own time is added
-RETRIES = 3  # preemptions and crashes restart the attempt, which resumes
+GRACE_S = 20.0  # of Modal's 30 s after a preemption signal: the rest is for teardown and the exit commit
+RETRIES = 3  # crashes retry the attempt (preemptions restart it without counting), which resumes
 MAX_INVOCATIONS = 10
+CPU, MEMORY_MB = 16.0, 131072  # reserved for the GPU function: data loading and the snapshot copies
 LOCAL_VOLUME = os.environ.get("CKPTMGR_LOCAL_VOLUME")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_gpu(spec: str) -> tuple[str, int]:
@@ -49,59 +64,155 @@ app = modal.App(APP_NAME)
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)  # lazy: importing needs no network
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("torch==2.9.1", "lightning>=2.4", "pytorch-lightning>=2.4", "deepspeed>=0.15", "xxhash>=4",
-                 "filelock>=3.13", "rich>=13", "safetensors>=0.4")
+    # The project's own pins, not a second list (its `modal` extra brings nothing the container needs).
+    .pip_install_from_pyproject(os.path.join(REPO, "pyproject.toml"), optional_dependencies=["lightning", "deepspeed"])
     .add_local_python_source("ckptmgr", "training")
 )
 
 
-def is_local_mode() -> bool:
-    return LOCAL_VOLUME is not None
-
-
-def volume_root() -> str:
-    return LOCAL_VOLUME if LOCAL_VOLUME is not None else MOUNT
-
-
-class VolumeCommit:
-    """ckptmgr's durability hook: a save is acknowledged only once the Volume commit returned."""
-
-    def __init__(self, target: Any):
-        self.target = target
-        self.commits = 0
-
-    def persist(self, path: str) -> None:
-        self.target.commit()
-        self.commits += 1
-
-
+# -- where the function runs: Modal, a local directory, or the simulator -------------------
 class LocalDirectory:
     """Stands in for the Volume locally: data is durable once fsynced (ckptmgr already did)."""
 
     def commit(self) -> None:
         os.sync()
 
+    def reload(self) -> None:
+        pass
+
+
+def runtime() -> Any:
+    """What the function body needs from its platform: the Volume, its call id, and how to spawn."""
+    from ckptmgr import modal_sim
+
+    if modal_sim.active():
+        return modal_sim.ContainerRuntime.from_env()
+    if LOCAL_VOLUME is not None:
+        return _LocalRuntime()
+    return _ModalRuntime()
+
+
+class _ModalRuntime:
+    root = MOUNT
+    volume = volume
+
+    def call_id(self) -> str:
+        return modal.current_function_call_id() or f"local-{uuid.uuid4().hex[:12]}"
+
+    def spawn(self, gpu: str, **kwargs: Any) -> str:
+        return train.with_options(gpu=gpu).spawn(gpu=gpu, **kwargs).object_id
+
+
+class _LocalRuntime:
+    """``CKPTMGR_LOCAL_VOLUME``: a successor runs after this invocation returns, in this process."""
+
+    root = LOCAL_VOLUME or MOUNT
+    volume = LocalDirectory()
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+        self._id = f"local-{uuid.uuid4().hex[:12]}"
+
+    def call_id(self) -> str:
+        return self._id
+
+    def spawn(self, gpu: str, **kwargs: Any) -> str:
+        self.pending = dict(gpu=gpu, **kwargs)
+        return f"local-{uuid.uuid4().hex[:12]}"
+
 
 def run_dir_for(root: str, lang_pair: str, run_name: str) -> str:
     return os.path.join(root, lang_pair, "runs", run_name)
 
 
-def run_invocation(*, root: str, lang_pair: str, run_name: str, max_steps: int, save_step: int, resume: bool,
-                   time_budget_s: float, durability: Any, **options: Any) -> dict[str, Any]:
-    """One invocation of the trainer on the volume; returns its summary and where the run stands."""
+# -- the function bodies -------------------------------------------------------------
+def prepare_run(rt: Any, *, run_name: str, lang_pair: str, fresh: bool, chain: str,
+                config: dict[str, Any]) -> dict[str, Any]:
+    """The CPU preflight of a chain: refuse a live chain, fresh start once, resolve and check, record the chain."""
+    from ckptmgr.lightning import resume_checkpoint
+    from ckptmgr.modal import check_no_live_chain, start_chain
+    from training.run import TrainConfig, supersede
+
+    run_dir = run_dir_for(rt.root, lang_pair, run_name)
+    check_no_live_chain(run_dir)
+    moved = supersede(run_dir) if fresh else None
+    train_config = TrainConfig(output_dir=os.path.join(rt.root, lang_pair), run_name=run_name, **config)
+    found = resume_checkpoint(run_dir, quarantine=False, config_fingerprint=train_config.fingerprint())
+    start_chain(run_dir, chain)
+    rt.volume.commit()
+    return {"run_dir": run_dir, "moved_aside": moved, "resume_from": found.path if found else None,
+            "resume_step": found.step if found else 0, "chain": chain}
+
+
+def run_invocation(rt: Any, *, run_name: str, lang_pair: str, chain: str, invocation: int, max_steps: int,
+                   save_step: int, time_budget_s: float, auto_continue: bool = False,
+                   max_invocations: int = MAX_INVOCATIONS, gpu: str = GPU, durability: Any = None,
+                   **options: Any) -> dict[str, Any]:
+    """One invocation of the chain: admitted by the chain record, under the writer lease, trains, continues."""
+    from ckptmgr import NotACheckpointError
     from ckptmgr.history import estimate
     from ckptmgr.journal import read_events
-    from training.run import TrainConfig, train
+    from ckptmgr.modal import ChainConflictError, ChainRecord, VolumeCommit, WriterLease
+    from training.launch import launch
+    from training.run import TrainConfig
 
-    # The function-level margin is already taken off the budget; the trainer adds the predicted save time.
-    config = TrainConfig(output_dir=os.path.join(root, lang_pair), run_name=run_name, max_steps=max_steps,
-                         save_step=save_step, resume=resume, time_budget=str(time_budget_s), budget_margin_s=0.0,
-                         progress_bar=False, **options)
-    result = train(config, durability=durability).as_dict()
-    left = estimate(read_events(config.run_dir), total_steps=max_steps, time_limit_s=time_budget_s,
+    run_dir = run_dir_for(rt.root, lang_pair, run_name)
+    if not os.path.isdir(run_dir) and invocation > 1:
+        raise NotACheckpointError(run_dir, f"invocation {invocation} found no run directory (wrong Volume "
+                                           f"{VOLUME_NAME!r} or run name?)")
+    record = ChainRecord.load(run_dir)
+    if record is None or record.chain != chain:
+        raise ChainConflictError(run_dir, f"this run belongs to chain {record.chain if record else None}, not "
+                                          f"{chain}: another `modal run` took it over")
+    call_id = rt.call_id()
+    continued = record.admit(invocation, call_id)
+    if continued is not None:  # a retried input that had already spawned its successor: nothing to do
+        return {"invocation": invocation, "already_continued": True, "next_call_id": continued["call_id"],
+                "complete": False, "continue_reason": "already continued", "stop": "continued"}
+    lease = WriterLease(run_dir, holder=f"chain {chain}")
+    lease.acquire()
+    record.save()
+    rt.volume.commit()  # the lease and the admission are visible before any training
+    budget_margin = options.pop("budget_margin_s", 0.0)
+    config = TrainConfig(output_dir=os.path.join(rt.root, lang_pair), run_name=run_name, max_steps=max_steps,
+                         save_step=save_step, time_budget=str(time_budget_s), budget_margin_s=budget_margin,
+                         progress_bar=False, resume=True, **options)
+    result = launch(config, durability=durability or VolumeCommit(rt.volume, lease=lease)).as_dict()
+    result["invocation"], result["chain"] = invocation, chain
+    if result["stop"] == "preempted":
+        # Modal restarts an input that ends in KeyboardInterrupt; it resumes from what was just committed.
+        record.finish(invocation, "preempted")
+        record.save()
+        rt.volume.commit()
+        raise KeyboardInterrupt(f"preempted at step {result['end_step']}: the same input will resume")
+    left = estimate(read_events(run_dir), total_steps=max_steps, time_limit_s=time_budget_s,
                     current_step=result["end_step"])
     result["estimated_invocations_left"] = 0 if result["complete"] else left.invocations_needed
+    go_on, why = should_continue(result, invocation, max_invocations)
+    result["continue_reason"] = why
+    record.finish(invocation, result["stop"])
+    if auto_continue and go_on:
+        record.invocations[str(invocation)]["spawning"] = True
+        record.invocations[str(invocation + 1)] = {"call_id": None, "spawned": None, "spawned_by": invocation}
+        record.save()
+        rt.volume.commit()  # the successor mounts a Volume with every write of this invocation
+        successor = rt.spawn(gpu, run_name=run_name, lang_pair=lang_pair, chain=chain, invocation=invocation + 1,
+                             max_steps=max_steps, save_step=save_step, time_budget_s=time_budget_s,
+                             auto_continue=True, max_invocations=max_invocations, **_as_train_kwargs(options))
+        record.record_spawn(invocation, successor)
+        result["next_call_id"] = successor
+    else:
+        lease.release()
+    record.save()
+    rt.volume.commit()
     return result
+
+
+def _as_train_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields back into ``train``'s parameters (its own ones first, the rest in ``options``)."""
+    options = dict(options)
+    own = {k: options.pop(k) for k in ("strategy", "devices", "precision", "grace_s") if k in options}
+    return {**own, "options": options}
 
 
 def should_continue(result: dict[str, Any], invocation: int, max_invocations: int) -> tuple[bool, str]:
@@ -110,7 +221,7 @@ def should_continue(result: dict[str, Any], invocation: int, max_invocations: in
         return False, "training complete"
     if invocation >= max_invocations:
         return False, f"reached --max-invocations {max_invocations}"
-    if result["stop_reason"] != "time budget":
+    if result["stop"] != "time_budget":
         return False, f"stopped by {result['stop_reason']}: not continuing automatically"
     if result["end_step"] <= result["start_step"]:
         return False, "no progress in this invocation: not continuing"
@@ -118,6 +229,8 @@ def should_continue(result: dict[str, Any], invocation: int, max_invocations: in
 
 
 def report(result: dict[str, Any], invocation: int) -> str:
+    if result.get("already_continued"):
+        return f"[invocation {invocation}] had already continued the chain ({result['next_call_id']})"
     left = result.get("estimated_invocations_left")
     return (f"[invocation {invocation}] steps {result['start_step']} -> {result['end_step']} of {result['max_steps']}"
             f" ({'complete' if result['complete'] else result['stop_reason']}); "
@@ -125,37 +238,80 @@ def report(result: dict[str, Any], invocation: int) -> str:
             f"estimated invocations left: {'unknown' if left is None else left}; run {result['run_dir']}")
 
 
-@app.function(image=image, gpu=GPU, timeout=TIMEOUT_S, retries=modal.Retries(max_retries=RETRIES),
-              volumes={MOUNT: volume})
+@contextlib.contextmanager
+def interrupts_restart_the_input():
+    """A SIGINT (Modal's preemption) anywhere in the body ends as KeyboardInterrupt, never SystemExit(1).
+
+    Lightning turns a KeyboardInterrupt during set-up or restore into ``sys.exit(1)``, which Modal counts
+    as a failed attempt (a retry burned); and this process's SIGINT handling is restored on the way out.
+    """
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    if previous in (signal.SIG_IGN, signal.SIG_DFL, None, signal.default_int_handler):
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except SystemExit as exc:
+        if received:
+            raise KeyboardInterrupt("interrupted during set-up or restore") from exc
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+# -- the Modal functions ----------------------------------------------------------------------
+@app.function(image=image, volumes={MOUNT: volume}, cpu=2.0, memory=8192, timeout=1800)
+def prepare(run_name: str = "demo", lang_pair: str = "en-zh", fresh: bool = False, chain: str = "",
+            config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The chain's CPU preflight (see the module docstring)."""
+    return prepare_run(runtime(), run_name=run_name, lang_pair=lang_pair, fresh=fresh, chain=chain,
+                       config=config or {})
+
+
+@app.function(image=image, gpu=GPU, cpu=CPU, memory=MEMORY_MB, timeout=TIMEOUT_S,
+              retries=modal.Retries(max_retries=RETRIES), volumes={MOUNT: volume}, single_use_containers=True,
+              max_containers=1)
 def train(run_name: str = "demo", max_steps: int = 2000, save_step: int = 200, lang_pair: str = "en-zh",
-          resume: bool = True, auto_continue: bool = False, invocation: int = 1,
-          max_invocations: int = MAX_INVOCATIONS, strategy: str = "auto", devices: int | None = None,
-          precision: str | None = None, time_budget_s: float | None = None) -> dict[str, Any]:
-    """One training invocation; with ``auto_continue`` it launches the next one itself."""
+          chain: str = "", invocation: int = 1, auto_continue: bool = False, max_invocations: int = MAX_INVOCATIONS,
+          gpu: str = GPU, strategy: str = "auto", devices: int | None = None, precision: str | None = None,
+          time_budget_s: float | None = None, grace_s: float = GRACE_S, resume: bool = True,
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training invocation of a chain; with ``auto_continue`` it spawns the next one itself.
+
+    ``options``: more fields of ``training.run.TrainConfig`` (``keep_last``, ``width``, ...). Called
+    without a ``chain`` (a direct call, not through ``main``), it prepares a chain of its own first.
+    """
     budget = time_budget_s if time_budget_s is not None else TIMEOUT_S - BUDGET_MARGIN_S
-    target = LocalDirectory() if is_local_mode() else volume
-    options: dict[str, Any] = {"strategy": strategy}
-    if devices is not None:
-        options["devices"] = devices
+    settings = dict(options or {}, strategy=strategy, grace_s=grace_s,
+                    devices=devices if devices is not None else _visible_devices())
     if precision is not None:
-        options["precision"] = precision
-    # Never volume.reload() here: it fails while files are open, and the writer has nothing to learn from it.
-    result = run_invocation(root=volume_root(), lang_pair=lang_pair, run_name=run_name, max_steps=max_steps,
-                            save_step=save_step, resume=resume or invocation > 1, time_budget_s=budget,
-                            durability=VolumeCommit(target), **options)
-    result["invocation"] = invocation
+        settings["precision"] = precision
+    rt = runtime()
+    with interrupts_restart_the_input():
+        if not chain:
+            chain = uuid.uuid4().hex[:12]
+            prepare_run(rt, run_name=run_name, lang_pair=lang_pair, fresh=not resume, chain=chain,
+                        config={k: v for k, v in settings.items() if k != "devices"})
+        # Never volume.reload() here: it fails while files are open, and a fresh container has the newest view.
+        result = run_invocation(rt, run_name=run_name, lang_pair=lang_pair, chain=chain, invocation=invocation,
+                                max_steps=max_steps, save_step=save_step, time_budget_s=budget,
+                                auto_continue=auto_continue, max_invocations=max_invocations, gpu=gpu, **settings)
     print(report(result, invocation), flush=True)
-    go_on, why = should_continue(result, invocation, max_invocations)
-    result["continue_reason"] = why
-    if auto_continue and go_on:
-        kwargs = dict(run_name=run_name, max_steps=max_steps, save_step=save_step, lang_pair=lang_pair, resume=True,
-                      auto_continue=True, invocation=invocation + 1, max_invocations=max_invocations,
-                      strategy=strategy, devices=devices, precision=precision, time_budget_s=time_budget_s)
-        if is_local_mode():
-            result["next"] = train.local(**kwargs)
-        else:
-            result["next_call_id"] = train.spawn(**kwargs).object_id
+    if isinstance(rt, _LocalRuntime) and rt.pending is not None:
+        result["next"] = train.local(**rt.pending)
     return result
+
+
+def _visible_devices() -> int:
+    """Every GPU of the container (one process on a machine without GPUs)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
@@ -167,28 +323,48 @@ def _cli(args: list[str]) -> tuple[int, str]:
     return code, buffer.getvalue()
 
 
+def _on_volume(path: str) -> str:
+    """Paths are given as seen in the container (/output/...); locally they map into the stand-in directory."""
+    root = runtime().root
+    if root != MOUNT and (path == MOUNT or path.startswith(MOUNT + "/")):
+        return os.path.join(root, path[len(MOUNT):].lstrip("/"))
+    return path
+
+
 @app.function(image=image, volumes={MOUNT: volume}, timeout=3600)
-def walk(path: str = MOUNT, quick: bool = False, json: bool = False) -> int:
-    """`ckptmgr walk` on the Volume."""
+def walk_volume(path: str = MOUNT, quick: bool = False, json: bool = False) -> int:
+    """`ckptmgr walk` on the Volume; returns its exit code."""
     code, text = _cli(["walk", _on_volume(path), *(["--quick"] if quick else []), *(["--json"] if json else [])])
     print(text, end="")
     return code
 
 
 @app.function(image=image, volumes={MOUNT: volume}, timeout=3600)
-def verify(path: str = MOUNT, json: bool = False) -> int:
-    """`ckptmgr verify` on the Volume."""
+def verify_volume(path: str = MOUNT, json: bool = False) -> int:
+    """`ckptmgr verify` on the Volume; returns its exit code."""
     code, text = _cli(["verify", _on_volume(path), *(["--json"] if json else [])])
     print(text, end="")
     return code
 
 
+@app.function(image=image, volumes={MOUNT: volume}, timeout=6 * 3600)
+def seal_volume(path: str, step: int | None = None, epoch: int | None = None) -> int:
+    """`ckptmgr seal` of one of the team's existing checkpoints on the Volume, committed when done."""
+    args = ["seal", _on_volume(path), *(["--step", str(step)] if step is not None else []),
+            *(["--epoch", str(epoch)] if epoch is not None else [])]
+    code, text = _cli(args)
+    print(text, end="")
+    if code == 0:
+        runtime().volume.commit()
+    return code
+
+
 @app.function(image=image, volumes={MOUNT: volume}, timeout=6 * 3600, memory=65536)
-def export(src: str, output: str = "", format: str = "safetensors", max_shard_size: str = "",
-           strip_prefix: str = "_forward_module.", dtype: str = "") -> int:
-    """`ckptmgr export` from the Volume to the Volume, committed when done."""
+def export_volume(src: str, output: str = "", format: str = "safetensors", max_shard_size: str = "",
+                  strip_prefix: str = "_forward_module.", dtype: str = "") -> int:
+    """`ckptmgr export` from the Volume to the Volume (beside the run directory by default), committed."""
     src = _on_volume(src)
-    output = _on_volume(output) if output else os.path.join(os.path.dirname(src.rstrip("/")), "export")
+    output = _on_volume(output) if output else default_export_path(src)
     args = ["export", src, "-o", output, "--format", format]
     args += ["--max-shard-size", max_shard_size] if max_shard_size else []
     args += ["--strip-prefix", strip_prefix] if strip_prefix else []
@@ -196,29 +372,68 @@ def export(src: str, output: str = "", format: str = "safetensors", max_shard_si
     code, text = _cli(args)
     print(text, end="")
     if code == 0:
-        (LocalDirectory() if is_local_mode() else volume).commit()
+        runtime().volume.commit()
     return code
 
 
-def _on_volume(path: str) -> str:
-    """Paths are given as seen in the container (/output/...); locally they map into the stand-in directory."""
-    if is_local_mode() and (path == MOUNT or path.startswith(MOUNT + "/")):
-        return os.path.join(volume_root(), path[len(MOUNT):].lstrip("/"))
-    return path
+def default_export_path(src: str) -> str:
+    """``/output/en-zh/runs/my-run/last.ckpt`` -> ``/output/en-zh/exports/my-run-last``: outside the run."""
+    run_dir = os.path.dirname(src.rstrip("/"))
+    runs = os.path.dirname(run_dir)
+    stem = os.path.splitext(os.path.basename(src.rstrip("/")))[0]
+    return os.path.join(os.path.dirname(runs), "exports", f"{os.path.basename(run_dir)}-{stem}")
+
+
+# -- what `modal run` starts -------------------------------------------------------------------
+def _exit(code: int) -> None:
+    """Exit codes reach the shell; success is not reported as an exception."""
+    if code:
+        sys.exit(code)
 
 
 @app.local_entrypoint()
 def main(run_name: str = "demo", max_steps: int = 2000, save_step: int = 200, lang_pair: str = "en-zh",
          resume_training: bool = True, auto_continue: bool = False, gpu: str = GPU,
          max_invocations: int = MAX_INVOCATIONS, strategy: str = "auto") -> None:
-    _, count = parse_gpu(gpu)
-    function = train if gpu == GPU else train.with_options(gpu=gpu)
-    result = function.remote(run_name=run_name, max_steps=max_steps, save_step=save_step, lang_pair=lang_pair,
-                             resume=resume_training, auto_continue=auto_continue, max_invocations=max_invocations,
-                             strategy=strategy, devices=count)
+    kind, count = parse_gpu(gpu)
+    chain = uuid.uuid4().hex[:12]
+    print(f"Volume {VOLUME_NAME!r} at {MOUNT}; run {run_dir_for(MOUNT, lang_pair, run_name)}; {count}x {kind}; "
+          f"chain {chain}", flush=True)
+    plan = prepare.remote(run_name=run_name, lang_pair=lang_pair, fresh=not resume_training, chain=chain,
+                          config={"strategy": strategy})
+    if plan["moved_aside"]:
+        print(f"fresh start: the old run was moved to {plan['moved_aside']} (nothing deleted)")
+    print(f"resume: {plan['resume_from'] or 'nothing yet: starting at step 0'}", flush=True)
+    call = train.with_options(gpu=gpu).spawn(run_name=run_name, max_steps=max_steps, save_step=save_step,
+                                             lang_pair=lang_pair, chain=chain, invocation=1, gpu=gpu,
+                                             auto_continue=auto_continue, max_invocations=max_invocations,
+                                             strategy=strategy, devices=count)
+    result = call.get()  # retries are driven by Modal's servers, not this client: --detach keeps working
     print(report(result, 1))
     while result.get("next_call_id"):  # follow the chain the invocations spawn themselves
         result = modal.FunctionCall.from_id(result["next_call_id"]).get()
         print(report(result, result["invocation"]))
-    print(f"done: {result['continue_reason']}")
-    sys.exit(0 if result["complete"] else 75)
+    print(f"done: {result.get('continue_reason')}")
+    _exit(0 if result.get("complete") else 75)
+
+
+@app.local_entrypoint()
+def walk(path: str = MOUNT, quick: bool = False, json: bool = False) -> None:
+    _exit(walk_volume.remote(path=path, quick=quick, json=json))
+
+
+@app.local_entrypoint()
+def verify(path: str = MOUNT, json: bool = False) -> None:
+    _exit(verify_volume.remote(path=path, json=json))
+
+
+@app.local_entrypoint()
+def seal(path: str, step: int | None = None, epoch: int | None = None) -> None:
+    _exit(seal_volume.remote(path=path, step=step, epoch=epoch))
+
+
+@app.local_entrypoint()
+def export(src: str, output: str = "", format: str = "safetensors", max_shard_size: str = "",
+           strip_prefix: str = "_forward_module.", dtype: str = "") -> None:
+    _exit(export_volume.remote(src=src, output=output, format=format, max_shard_size=max_shard_size,
+                               strip_prefix=strip_prefix, dtype=dtype))
