@@ -10,6 +10,7 @@ import importlib
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -55,21 +56,22 @@ def test_budget_comes_from_the_function_timeout(modal_train):
     assert modal_train.TIMEOUT_S - modal_train.BUDGET_MARGIN_S > 0.9 * modal_train.TIMEOUT_S
 
 
-def summary(start, end, *, complete=False, reason="time budget"):
-    return {"complete": complete, "stop_reason": reason, "start_step": start, "end_step": end}
+def summary(start, end, *, complete=False, stop="time_budget", reason="time budget"):
+    return {"complete": complete, "stop": stop, "stop_reason": reason, "start_step": start, "end_step": end}
 
 
 def test_auto_continue_decision(modal_train):
     decide = modal_train.should_continue
     assert decide(summary(0, 100), 1, 3) == (True, "time budget reached: continuing")
-    assert decide(summary(0, 100, complete=True, reason="max_steps"), 1, 3)[0] is False
+    assert decide(summary(0, 100, complete=True, stop="complete", reason="max_steps"), 1, 3)[0] is False
     assert decide(summary(0, 100), 3, 3) == (False, "reached --max-invocations 3")
-    assert decide(summary(0, 100, reason="signal 15 (checkpoint saved)"), 1, 3)[0] is False
+    assert decide(summary(0, 100, stop="cancelled", reason="signal 10 (checkpoint saved)"), 1, 3)[0] is False
     assert decide(summary(100, 100), 1, 3) == (False, "no progress in this invocation: not continuing")
 
 
 def test_fresh_run_then_resume_on_the_second_call(modal_train, tmp_path):
     first = modal_train.train.local(run_name="r", max_steps=30, save_step=10, devices=1, time_budget_s=600)
+    assert first["stop"] == "complete"
     assert first["complete"] and first["start_step"] == 0 and first["end_step"] == 30
     run_dir = str(tmp_path / "volume" / "en-zh" / "runs" / "r")
     assert resolve(run_dir).step == 30
@@ -115,10 +117,14 @@ class FailingVolume:
 def test_failing_volume_commit_means_not_acknowledged(modal_train, tmp_path):
     root = str(tmp_path / "volume")
     target = FailingVolume(fail_after=2)
+    assert root == modal_train.runtime().root
+    rt = modal_train.runtime()
+    modal_train.prepare_run(rt, run_name="f", lang_pair="en-zh", fresh=False, chain="c", config={})
+    from ckptmgr.modal import VolumeCommit
+
     with pytest.raises(CommitError, match="volume commit failed"):
-        modal_train.run_invocation(root=root, lang_pair="en-zh", run_name="f", max_steps=100, save_step=10,
-                                   resume=True, time_budget_s=600, durability=modal_train.VolumeCommit(target),
-                                   keep_last=1)
+        modal_train.run_invocation(rt, run_name="f", lang_pair="en-zh", chain="c", invocation=1, max_steps=100,
+                                   save_step=10, time_budget_s=600, durability=VolumeCommit(target), keep_last=1)
     run_dir = os.path.join(root, "en-zh", "runs", "f")
     # Saves 10 and 20 were acknowledged; 30 was published locally but its commit failed:
     # `last` still names 20 and retention (keep 1) did not delete 20 after 30.
@@ -128,9 +134,85 @@ def test_failing_volume_commit_means_not_acknowledged(modal_train, tmp_path):
 
 def test_remote_utilities_run_on_the_volume(modal_train, tmp_path, capsys):
     modal_train.train.local(run_name="u", max_steps=20, save_step=10, devices=1, time_budget_s=600)
-    assert modal_train.walk.local(path="/output") == 0
-    assert modal_train.verify.local(path="/output/en-zh/runs/u") == 0
-    assert modal_train.export.local(src="/output/en-zh/runs/u/last.ckpt", output="/output/en-zh/model",
-                                    strip_prefix="") == 0
-    assert os.path.isfile(tmp_path / "volume" / "en-zh" / "model" / "model.safetensors")
+    assert modal_train.walk_volume.local(path="/output") == 0
+    assert modal_train.verify_volume.local(path="/output/en-zh/runs/u") == 0
+    # Export goes beside the run, not into it (the run directory holds checkpoints only).
+    assert modal_train.export_volume.local(src="/output/en-zh/runs/u/last.ckpt", strip_prefix="") == 0
+    assert os.path.isfile(tmp_path / "volume" / "en-zh" / "exports" / "u-last" / "model.safetensors")
     assert "1 run(s), 0 problem(s)" in capsys.readouterr().out
+    # Exit codes reach the shell: a problem is a non-zero exit, success raises nothing.
+    with open(tmp_path / "volume" / "en-zh" / "runs" / "u" / "epoch=0-step=20.ckpt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    assert modal_train.verify_volume.local(path="/output/en-zh/runs/u") == 1
+    with pytest.raises(SystemExit) as info:
+        modal_train._exit(1)
+    assert info.value.code == 1
+    modal_train._exit(0)  # no SystemExit for success
+
+
+def test_seal_adopts_the_teams_existing_checkpoints(modal_train, tmp_path):
+    legacy = tmp_path / "volume" / "en-zh" / "runs" / "old" / "epoch=1-step=500.ckpt"
+    legacy.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 500}, legacy)
+    assert modal_train.seal_volume.local(path="/output/en-zh/runs/old/epoch=1-step=500.ckpt") == 0
+    assert resolve(str(legacy.parent)).step == 500
+
+
+def test_a_later_invocation_without_its_run_directory_is_an_error(modal_train, tmp_path):
+    """A misspelled Volume or run name must not silently train from step 0."""
+    from ckptmgr import NotACheckpointError
+
+    with pytest.raises(NotACheckpointError, match="found no run directory"):
+        modal_train.run_invocation(modal_train.runtime(), run_name="typo", lang_pair="en-zh", chain="c",
+                                   invocation=2, max_steps=10, save_step=5, time_budget_s=60)
+
+
+def test_a_deterministic_start_up_error_fails_in_the_cpu_preflight(modal_train, tmp_path):
+    """A config mismatch is found by `prepare` (CPU, not retried), not by a GPU attempt."""
+    from ckptmgr import ConfigMismatchError
+
+    modal_train.train.local(run_name="m", max_steps=10, save_step=5, devices=1, time_budget_s=600)
+    with pytest.raises(ConfigMismatchError):
+        modal_train.prepare.local(run_name="m", lang_pair="en-zh", fresh=False, chain="x", config={"lr": 0.5})
+
+
+def test_sigint_during_set_up_is_a_restart_not_a_failure(modal_train):
+    """Lightning turns a KeyboardInterrupt during set-up into sys.exit(1) (a burned retry): it is re-raised as
+    KeyboardInterrupt, and SIGINT handling is restored afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with modal_train.interrupts_restart_the_input():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                raise SystemExit(1) from None  # what Lightning does with it
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_function_configuration(modal_train):
+    """Findings 5, 8, 9 and 10: what the functions ask Modal for."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(modal_train)
+    decorators = {node.name: {k.arg: ast.unparse(k.value) for d in node.decorator_list if isinstance(d, ast.Call)
+                              for k in d.keywords}
+                  for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
+    train = decorators["train"]
+    assert train["single_use_containers"] == "True" and train["max_containers"] == "1"
+    assert train["cpu"] == "CPU" and train["memory"] == "MEMORY_MB" and "prepare" in decorators
+    (train_def,) = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    defaults = dict(zip([a.arg for a in train_def.args.args][-len(train_def.args.defaults):],
+                        [ast.unparse(d) for d in train_def.args.defaults], strict=True))
+    assert modal_train.GRACE_S == 20 and defaults["grace_s"] == "GRACE_S"
+    (main_def,) = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    main = ast.unparse(main_def)
+    assert "train.with_options(gpu=gpu).spawn(" in main and "call.get()" in main and "train.remote" not in main
+    assert "pip_install_from_pyproject" in source and "torch==" not in source
+    from ckptmgr.modal import VolumeCommit  # the hook is the library's, not the script's
+
+    assert not hasattr(modal_train, "VolumeCommit") and VolumeCommit

@@ -108,17 +108,20 @@ class _LocalRuntime:
 
     root = LOCAL_VOLUME or MOUNT
     volume = LocalDirectory()
+    _next_call: str | None = None  # the id spawn() gave the successor, taken by the successor's runtime
 
     def __init__(self) -> None:
         self.pending: dict[str, Any] | None = None
-        self._id = f"local-{uuid.uuid4().hex[:12]}"
+        self._id = _LocalRuntime._next_call or f"local-{uuid.uuid4().hex[:12]}"
+        _LocalRuntime._next_call = None
 
     def call_id(self) -> str:
         return self._id
 
     def spawn(self, gpu: str, **kwargs: Any) -> str:
         self.pending = dict(gpu=gpu, **kwargs)
-        return f"local-{uuid.uuid4().hex[:12]}"
+        self.successor = f"local-{uuid.uuid4().hex[:12]}"
+        return self.successor
 
 
 def run_dir_for(root: str, lang_pair: str, run_name: str) -> str:
@@ -303,6 +306,7 @@ def train(run_name: str = "demo", max_steps: int = 2000, save_step: int = 200, l
                                 auto_continue=auto_continue, max_invocations=max_invocations, gpu=gpu, **settings)
     print(report(result, invocation), flush=True)
     if isinstance(rt, _LocalRuntime) and rt.pending is not None:
+        _LocalRuntime._next_call = rt.successor
         result["next"] = train.local(**rt.pending)
     return result
 
@@ -365,6 +369,7 @@ def export_volume(src: str, output: str = "", format: str = "safetensors", max_s
     """`ckptmgr export` from the Volume to the Volume (beside the run directory by default), committed."""
     src = _on_volume(src)
     output = _on_volume(output) if output else default_export_path(src)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     args = ["export", src, "-o", output, "--format", format]
     args += ["--max-shard-size", max_shard_size] if max_shard_size else []
     args += ["--strip-prefix", strip_prefix] if strip_prefix else []
