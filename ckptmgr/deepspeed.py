@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -141,24 +142,36 @@ def check_shards(layout: dict[str, Any], files: set[str], where: str) -> None:
 
 
 def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: str, *, rank: int,
-                      world_size: int, layout: dict[str, Any], hasher: ShardHasher,
-                      replace: bool = False) -> Checkpoint | None:
+                      world_size: int, layout: dict[str, Any], hasher: ShardHasher, replace: bool = False,
+                      local_rank: int | None = None, node_commit: Callable[[], None] | None = None,
+                      before_publish: Callable[[], None] | None = None) -> Checkpoint | None:
     """Collective: gather every rank's hashed files at rank 0, which checks the shards and commits.
 
     Every rank raises :class:`CommitError` when any rank failed to hash or rank 0 failed to commit.
+    Several containers (a clustered run, each with its own view of a Volume): ``node_commit`` is called
+    by every container's local rank 0 once all ranks have hashed, and ``before_publish`` (a Volume
+    reload) by rank 0 after every container committed, before it publishes (see ckptmgr.modal).
     """
     import torch.distributed as dist
 
+    distributed = dist.is_available() and dist.is_initialized() and world_size > 1
     report: tuple[list[FileEntry], str | None]
     try:
         report = (hasher.entries(rank, world_size), None)
     except CkptMgrError as exc:  # reported, not raised: the other ranks are waiting in the gather
         report = ([], f"rank {rank}: {exc}")
+    if node_commit is not None:
+        from .modal import commit_every_node
+
+        commit_every_node(local_rank=rank if local_rank is None else local_rank, node_commit=node_commit,
+                          barrier=dist.barrier if distributed else lambda: None)
     gathered: list[Any] = [None] * world_size
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
+    if distributed:
         dist.all_gather_object(gathered, report)
     else:
         gathered = [report]
+    if rank == 0 and before_publish is not None:
+        before_publish()
     checkpoint = None
     error: str | None = None
     if rank == 0:

@@ -63,9 +63,13 @@ def _commit_lock(root: str) -> Iterator[None]:
 
 
 def _listing(top: str) -> dict[str, tuple[int, int, int, bool]]:
-    """Every file and symlink under ``top``: relative path -> (inode, size, mtime_ns, is_link)."""
-    found = {}
+    """Every file, symlink and directory under ``top``: relative path -> (inode, size, mtime_ns, kind)."""
+    found: dict[str, tuple[int, int, int, bool]] = {}
     for directory, dirs, files in os.walk(top):
+        for name in dirs:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                found[os.path.relpath(path, top) + os.sep] = (0, 0, 0, False)  # a directory (no content to copy)
         for name in files + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
             path = os.path.join(directory, name)
             try:
@@ -105,11 +109,15 @@ class SimVolume:
         with self._lock, _commit_lock(self.root):
             now = _listing(self.view)
             for rel, meta in now.items():
-                if self._mounted.get(rel) != meta:
+                if rel.endswith(os.sep):
+                    os.makedirs(os.path.join(self.committed, rel), exist_ok=True)
+                elif self._mounted.get(rel) != meta:
                     _copy_entry(os.path.join(self.view, rel), os.path.join(self.committed, rel))
-            for rel in set(self._mounted) - set(now):  # removed in this view since the last commit
-                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                    os.unlink(os.path.join(self.committed, rel))
+            gone = set(self._mounted) - set(now)  # removed in this view since the last commit
+            for rel in sorted(gone, key=len, reverse=True):  # files first, then their (now empty) directories
+                path = os.path.join(self.committed, rel)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError, OSError):
+                    os.rmdir(path) if rel.endswith(os.sep) else os.unlink(path)
             self._mounted = now
             self.commits += 1
 

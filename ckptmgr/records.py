@@ -54,7 +54,8 @@ def read_records(run_dir: str, reader: Reader = LOCAL_READER, *, include_pending
             names = sorted(e.name for e in entries if e.name.endswith(RECORD_SUFFIX))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    staged = _listdir(os.path.join(run_dir, STAGING_DIR)) if names else set()
+    staging_dir = os.path.join(run_dir, STAGING_DIR)
+    staged = {n for n in _listdir(staging_dir) if _holds_a_payload(os.path.join(staging_dir, n))} if names else set()
     records = []
     for name in names:
         if split_internal(name) is None:
@@ -65,6 +66,19 @@ def read_records(run_dir: str, reader: Reader = LOCAL_READER, *, include_pending
         record = read_record(os.path.join(directory, name), reader)
         records.append(replace(record, pending=True) if pending else record)
     return records
+
+
+def _holds_a_payload(path: str) -> bool:
+    """A staging entry that could be an unpublished save's payload: a file, or a directory with files in it.
+
+    (A record is written only after its payload is complete; an empty directory left behind, as some
+    Volumes do when a directory is renamed away, is no payload.)"""
+    if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            return any(files for _, _, files in os.walk(path))
+        except OSError:
+            return True
+    return os.path.lexists(path)
 
 
 def _listdir(path: str) -> set[str]:

@@ -45,3 +45,13 @@ def test_no_records_area_is_no_records(tmp_path):
     os.makedirs(tmp_path / "run" / ".ckptmgr")
     (tmp_path / "run" / MANIFESTS_DIR).write_text("a file where the directory belongs")
     assert read_records(str(tmp_path / "run")) == []
+
+
+def test_an_empty_staging_directory_is_no_unpublished_save(run_dir):
+    """Some Volumes leave an empty directory behind when one is renamed away: it is no payload."""
+    with CheckpointManager(run_dir, keep_last=None, last_alias=None) as manager:
+        with manager.stage(step=1) as staging, staging.open_file("a.bin") as f:
+            f.write(b"x")
+    (record,) = read_records(run_dir)
+    os.makedirs(os.path.join(run_dir, STAGING_DIR, record.filename[: -len(".json")]))
+    assert [r.manifest.step for r in read_records(run_dir)] == [1]
