@@ -45,9 +45,21 @@ def launch(config: TrainConfig, *, durability: Any = None, started_at: float | N
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(config.devices),
            "NODE_RANK": "0"}
     with _ranks(config, env, rank_failure_grace_s) as children, _environment({**env, "LOCAL_RANK": "0", "RANK": "0"}):
-        result = train(config, durability=durability, started_at=started_at)
+        try:
+            result = train(config, durability=durability, started_at=started_at)
+        finally:
+            leave_process_group()
         _wait(children)
     return result
+
+
+def leave_process_group() -> None:
+    """Every rank leaves the process group before it exits (or trains again in this process): a gloo or NCCL
+    group left to the interpreter's teardown can abort the process (SIGABRT) after a clean run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import sys
 from ckptmgr import CkptMgrError
 
 from .__main__ import quiet_lightning
-from .launch import config_from_env
+from .launch import config_from_env, leave_process_group
 from .run import train
 
 
@@ -22,6 +22,8 @@ def main() -> int:
     except CkptMgrError as exc:
         sys.stderr.write(f"training rank: error: {exc}\n")
         return exc.exit_code
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":
