@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2/3 on 2 GPUs through Lightning and ManagedCheckpoint: train, SIGKILL, resume, export.
+"""DeepSpeed ZeRO-2/3 on 2 GPUs (``--devices``) through Lightning and ManagedCheckpoint: train, SIGKILL, resume,
+export.
 
 Side by side in one run, per stage:
   baseline  the trainer with Lightning's own ModelCheckpoint (--checkpointing lightning): save time
@@ -27,7 +28,7 @@ from measure import measure_isolated as measure  # noqa: E402
 
 def trainer_cmd(args: argparse.Namespace, stage: int, run: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "training", "--strategy", "deepspeed", "--deepspeed-stage", str(stage),
-            "--devices", "2", "--accelerator", "gpu", "--precision", "bf16-mixed", "--width", str(args.width),
+            "--devices", str(args.devices), "--accelerator", "gpu", "--precision", "bf16-mixed", "--width", str(args.width),
             "--layers", str(args.layers), "--save-step", str(args.save_step), "--output-dir", args.work,
             "--run-name", run, "--no-progress-bar", "--json", *extra]
 
@@ -79,7 +80,7 @@ def compare(ours_dir: str, reference_file: str) -> dict:
 
 def stage_report(args: argparse.Namespace, stage: int) -> dict:
     out, save = args.out, args.save_step
-    report: dict = {"stage": stage}
+    report: dict = {"stage": stage, "devices": args.devices}
     base = run_json(trainer_cmd(args, stage, f"base{stage}", "--checkpointing", "lightning",
                                 "--max-steps", str(2 * save)), f"{out}/base{stage}.log")
     base_dir = os.path.join(args.work, "runs", f"base{stage}")
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=14)
     parser.add_argument("--save-step", type=int, default=20)
+    parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import shutil
@@ -138,7 +140,7 @@ def main() -> None:
         started = time.monotonic()
         report = stage_report(args, stage)
         report["wall_seconds"] = round(time.monotonic() - started, 1)
-        with open(os.path.join(args.out, f"deepspeed_stage{stage}.json"), "w") as f:
+        with open(os.path.join(args.out, f"deepspeed_stage{stage}_gpus{args.devices}.json"), "w") as f:
             json.dump(report, f, indent=2)
         print(json.dumps(report, indent=1), flush=True)
 
