@@ -29,8 +29,8 @@ from measure import measure_isolated as measure  # noqa: E402
 def trainer_cmd(args: argparse.Namespace, stage: int, run: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "training", "--strategy", "deepspeed", "--deepspeed-stage", str(stage),
             "--devices", str(args.devices), "--accelerator", "gpu", "--precision", "bf16-mixed",
-            "--width", str(args.width), "--layers", str(args.layers), "--save-step", str(args.save_step), "--output-dir", args.work,
-            "--run-name", run, "--no-progress-bar", "--json", *extra]
+            "--width", str(args.width), "--layers", str(args.layers), "--save-step", str(args.save_step),
+            "--output-dir", args.work, "--run-name", run, "--no-progress-bar", "--json", *extra]
 
 
 def run_json(cmd: list[str], log: str) -> dict:
