@@ -89,9 +89,9 @@ def test_preemptions_at_random_moments_continue_the_chain(tmp_path):
 
 
 def test_retries_at_the_worst_moments_never_fork_or_restart_the_run(tmp_path):
-    """Findings 3, 6, 7: crashes right after spawning the successor, right after taking the lease, and
-    in the middle of training; retries of a fresh start; the chain never runs two writers, never moves the
-    run aside twice, never goes back to step 0."""
+    """Findings 3, 6, 7: crashes right after spawning the successor (each input), preemptions during start-up,
+    restore and the first saves (two per input), with a fresh start: the chain never runs two writers, never
+    moves the run aside twice, never goes back to step 0."""
     sim = simulator(tmp_path)
     kills: list[str] = []
     state = {"spawn_seen": set()}
@@ -114,10 +114,13 @@ def test_retries_at_the_worst_moments_never_fork_or_restart_the_run(tmp_path):
         return kill_when(call, attempt, root)
 
     start_chain(sim, "worst", fresh=True, max_steps=1_000_000, time_budget_s=10, auto_continue=True,
-                       max_invocations=3, gpu="H100:4")
+                       max_invocations=4, gpu="H100:4")
     sim.run(kill_when=crash, preempt=preempt)
     rows = trained(sim)
-    assert len(kills) >= 3
+    preempted = sum(a.preempted for c in sim.calls.values() for a in c.attempts)
+    spawns = sum(1 for c in sim.calls.values() if c.spawned_by)
+    assert spawns == 3 and len(kills) == spawns  # each input killed right after it spawned its successor
+    assert len(kills) + preempted >= 10, (kills, preempted)  # ten retries and restarts at the worst moments
     # Never back to step 0 once there was progress, and every invocation starts where the chain stood.
     progress = 0
     for _, _, start, end in rows:
