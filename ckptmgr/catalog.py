@@ -30,9 +30,9 @@ from .verify import (
     Status,
     VerifyResult,
     has_manifest,
-    is_deepspeed_layout,
     looks_like_legacy,
     read_manifest,
+    sharded_layout,
     verify_in_dir,
     verify_legacy,
     verify_named,
@@ -233,7 +233,7 @@ def _unmanaged(entry: os.DirEntry, reader: Reader) -> Candidate | None:
                 return Candidate(path, UNREADABLE, problem=exc.message)
         if not looks_like_legacy(path, entry.name):
             return None
-        if not is_deepspeed_layout(path):
+        if sharded_layout(path) is None:
             return Candidate(path, INCOMPLETE, problem="no manifest (interrupted or damaged save)")
         return Candidate(path, LEGACY, problem="legacy checkpoint, not sealed (run `ckptmgr seal`)")
     if looks_like_legacy(path, entry.name):

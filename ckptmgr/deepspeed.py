@@ -4,8 +4,7 @@ Every rank writes its own shards into one staging directory, fsyncs and hashes
 each file it wrote as soon as DeepSpeed has finished it (from page cache, while
 the engine serialises the next one; :class:`ShardHasher`), and reports the
 entries to rank 0, which checks that every rank's shards are there and
-publishes one manifest covering them all. A rank that fails to hash reports the
-error instead, so every rank raises it and none waits for the others forever.
+publishes one manifest covering them all (``ckptmgr.collective``).
 The manifest records the world size, ZeRO stage and each rank's shard list, so
 a checkpoint missing a rank's shard never verifies and a resume under another
 world size is refused by name.
@@ -19,17 +18,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .catalog import Checkpoint
+from .collective import check_shards, gather_and_commit, missing_shards, owned_files
 from .commit import sync_and_hash
-from .errors import CkptMgrError, CommitError, ConfigMismatchError, InvalidCheckpointError, NoValidCheckpointError
+from .errors import ConfigMismatchError, NoValidCheckpointError
 from .manager import CheckpointManager
 from .manifest import FileEntry
 from .storage import LocalStorage, Storage
-from .verify import list_tree
 
 DEFAULT_TAG = "checkpoint"
 _RANK_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
@@ -39,11 +37,6 @@ def owner_rank(relpath: str) -> int:
     """The data-parallel rank that wrote a file of DeepSpeed's layout (rank 0 for shared files)."""
     match = _RANK_FILE.search(relpath)
     return int(match.group(1)) if match else 0
-
-
-def owns(relpath: str, rank: int, world_size: int) -> bool:
-    """Whether ``rank`` fsyncs and hashes this file (rank 0 takes the shared ones: latest, scripts)."""
-    return owner_rank(relpath) % max(world_size, 1) == rank
 
 
 class ShardHasher:
@@ -105,8 +98,7 @@ class ShardHasher:
         entries: dict[str, FileEntry] = {}
         for future in self.hashed_as_written.values():
             entries.update((entry.path, entry) for entry in future.result())
-        files, _ = list_tree(self.staging)
-        rest = sorted(p for p in files if p not in self.hashed_as_written and owns(p, rank, world_size))
+        rest = owned_files(self.staging, rank, world_size, owner_rank, skip=set(self.hashed_as_written))
         entries.update((entry.path, entry) for entry in sync_and_hash(self.storage, self.staging, rest))
         return sorted(entries.values(), key=lambda entry: entry.path)
 
@@ -126,75 +118,6 @@ def expected_shards(tag: str, world_size: int, stage: int, *, bf16: bool = False
     if stage < 3:
         shards["0"].append(f"{tag}/mp_rank_00_model_states.pt")
     return shards
-
-
-def missing_shards(layout: dict[str, Any], files: set[str]) -> list[str]:
-    """Shards a sharded layout names that the file list lacks."""
-    shards = layout.get("shards") or {}
-    return sorted(f for rank_files in shards.values() for f in rank_files if f not in files)
-
-
-def check_shards(layout: dict[str, Any], files: set[str], where: str) -> None:
-    """Refuse to publish a checkpoint that lacks a rank's shard."""
-    missing = missing_shards(layout, files)
-    if missing:
-        raise InvalidCheckpointError(where, f"shards missing: {missing}")
-
-
-def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: str, *, rank: int,
-                      world_size: int, layout: dict[str, Any], hasher: ShardHasher, replace: bool = False,
-                      local_rank: int | None = None, node_commit: Callable[[], None] | None = None,
-                      before_publish: Callable[[], None] | None = None) -> Checkpoint | None:
-    """Collective: gather every rank's hashed files at rank 0, which checks the shards and commits.
-
-    Every rank raises :class:`CommitError` when any rank failed to hash or rank 0 failed to commit.
-    Several containers (a clustered run, each with its own view of a Volume): ``node_commit`` is called
-    by every container's local rank 0 once all ranks have hashed, and ``before_publish`` (a Volume
-    reload) by rank 0 after every container committed, before it publishes (see ckptmgr.modal).
-    """
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and world_size > 1
-    report: tuple[list[FileEntry], str | None]
-    try:
-        report = (hasher.entries(rank, world_size), None)
-    except CkptMgrError as exc:  # reported, not raised: the other ranks are waiting in the gather
-        report = ([], f"rank {rank}: {exc}")
-    if node_commit is not None:
-        from .modal import commit_every_node
-
-        commit_every_node(local_rank=rank if local_rank is None else local_rank, node_commit=node_commit,
-                          barrier=dist.barrier if distributed else lambda: None)
-    gathered: list[Any] = [None] * world_size
-    if distributed:
-        dist.all_gather_object(gathered, report)
-    else:
-        gathered = [report]
-    if rank == 0 and before_publish is not None:
-        before_publish()
-    checkpoint = None
-    error: str | None = None
-    if rank == 0:
-        assert manager is not None and handle is not None
-        reported = {e.path: e for rank_entries, _ in gathered for e in rank_entries}
-        failures = [failure for _, failure in gathered if failure is not None]
-        if failures:
-            manager.abort(handle)
-            error = "; ".join(failures)
-        else:
-            try:
-                check_shards(layout, set(reported), staging)
-                handle.add_hashed(reported.values())
-                checkpoint = manager.commit(handle, replace=replace)
-            except (InvalidCheckpointError, CommitError) as exc:
-                manager.abort(handle)
-                error = exc.message if exc.path == staging else str(exc)
-    outcome = [error]
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise CommitError(staging, f"DeepSpeed checkpoint not committed: {outcome[0]}")
-    return checkpoint
 
 
 def save(engine: Any, manager: CheckpointManager, *, step: int, epoch: int | None = None, tag: str = DEFAULT_TAG,
@@ -223,7 +146,7 @@ def save(engine: Any, manager: CheckpointManager, *, step: int, epoch: int | Non
     if dist.is_initialized():
         dist.barrier()
     return gather_and_commit(manager if rank == 0 else None, handle, staging, rank=rank, world_size=world_size,
-                             layout=layout, hasher=hasher)
+                             layout=layout, hasher=hasher, what="DeepSpeed")
 
 
 def load(engine: Any, manager: CheckpointManager, **load_kwargs: Any) -> tuple[Checkpoint, dict[str, Any]]:
@@ -247,3 +170,8 @@ def check_world_size(checkpoint: Checkpoint, world_size: int) -> None:
         raise ConfigMismatchError(
             checkpoint.path, f"ZeRO-{stage} checkpoint written by {written} ranks; this run has {world_size}",
             hint=f"resume with {written} ranks, or `ckptmgr export` it to a full state dict and start from that")
+
+
+# Defined in ckptmgr.collective (shared with the DCP path); importable from here as before.
+__all__ = ["DEFAULT_TAG", "ShardHasher", "check_shards", "check_world_size", "expected_shards", "gather_and_commit",
+           "load", "missing_shards", "owner_rank", "save"]

@@ -90,6 +90,10 @@ class Staging:
         """Entries hashed by the processes that wrote them (other ranks); fsynced by them."""
         self._staged.add_hashed(entries)
 
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        """The layout to record, when it is known only once written (DCP's ``.metadata`` names the files)."""
+        self._staged.fields.layout = dict(layout)
+
 
 class CheckpointManager:
     """Atomic, verified checkpoints in one run directory.
@@ -598,18 +602,25 @@ class CheckpointManager:
         pick is then loaded memory-mapped from the pages that read left in the
         cache, so a resume pays one pass over the data, not two.
         """
+        return self._load_payload(self.verified(checkpoint), map_location, weights_only, force_config)
+
+    def verified(self, checkpoint: Checkpoint | Candidate | str | None = None) -> Checkpoint:
+        """The checkpoint to load, verified now: the newest intact one, or the one given (a name or a path).
+
+        Raises :class:`NoValidCheckpointError` when there is none, :class:`InvalidCheckpointError` when the
+        one given does not verify.
+        """
         if checkpoint is None:
             found = self.resolve(quarantine=self.holds_lock, strict=True)
             if found is None:
                 raise NoValidCheckpointError(self.run_dir, "no checkpoint to load")
-        else:
-            path = checkpoint.path if isinstance(checkpoint, (Checkpoint, Candidate)) else \
-                os.path.join(self.run_dir, os.fspath(checkpoint))
-            result = verify_checkpoint(path, workers=self.workers, reader=self.reader)
-            if not result.valid or result.manifest is None:
-                raise InvalidCheckpointError(path, f"refusing to load: {result.reason}")
-            found = Checkpoint(path, result.manifest)
-        return self._load_payload(found, map_location, weights_only, force_config)
+            return found
+        path = checkpoint.path if isinstance(checkpoint, (Checkpoint, Candidate)) else \
+            os.path.join(self.run_dir, os.fspath(checkpoint))
+        result = verify_checkpoint(path, workers=self.workers, reader=self.reader)
+        if not result.valid or result.manifest is None:
+            raise InvalidCheckpointError(path, f"refusing to load: {result.reason}")
+        return Checkpoint(path, result.manifest)
 
     def _load_payload(self, checkpoint: Checkpoint, map_location: Any, weights_only: bool,
                       force_config: bool) -> Any:

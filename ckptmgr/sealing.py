@@ -1,8 +1,9 @@
 """Adopt a legacy checkpoint into the managed format (``ckptmgr seal``).
 
-A legacy checkpoint (a ``torch.save``/Lightning file, or a DeepSpeed
-directory, written without ckptmgr) is checked first: torch's zip CRC32s, and
-for DeepSpeed that the tag ``latest`` names and its model states are there.
+A legacy checkpoint (a ``torch.save``/Lightning file, a DeepSpeed directory
+or a DCP directory, written without ckptmgr) is checked first: torch's zip
+CRC32s; for DeepSpeed that the tag ``latest`` names and its model states are
+there; for DCP that every file ``.metadata`` names is there and long enough.
 A corrupt or unloadable one is refused.
 
 Sealing then runs the commit protocol in commit-marker mode
@@ -17,11 +18,12 @@ from __future__ import annotations
 import os
 
 from .catalog import Checkpoint
+from .dcp_layout import LIGHTNING_META_NAME, read_metadata, shards_by_rank
 from .errors import InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
 from .manager import CheckpointManager
 from .naming import STATE_DIR, looks_like_checkpoint, parse_name
 from .records import read_records
-from .verify import Status, has_manifest, is_deepspeed_layout, records_for, verify_legacy
+from .verify import Status, has_manifest, records_for, sharded_layout, verify_legacy
 
 
 def seal(path: str, *, step: int | None = None, epoch: int | None = None,
@@ -38,9 +40,17 @@ def seal(path: str, *, step: int | None = None, epoch: int | None = None,
                                      hint="pass --allow-unchecked to seal it anyway")
     step, epoch = _step_and_epoch(path, step, epoch)
     manager = manager or CheckpointManager(os.path.dirname(path), keep_last=None, last_alias=None)
-    kind = ("deepspeed" if is_deepspeed_layout(path) else "files") if os.path.isdir(path) else "torch"
+    kind = (sharded_layout(path) or "files") if os.path.isdir(path) else "torch"
     origin = "legacy-directory" if os.path.isdir(path) else "legacy-file"
-    return manager.adopt(os.path.basename(path), step=step, epoch=epoch, kind=kind, metadata={"sealed_from": origin})
+    layout: dict = {}
+    if kind == "dcp":  # each rank's files, as a managed DCP save records them
+        layout = {"format": "dcp", "shards": shards_by_rank(read_metadata(path), _lightning_meta(path))}
+    return manager.adopt(os.path.basename(path), step=step, epoch=epoch, kind=kind, layout=layout,
+                         world_size=len(layout.get("shards", {})) or 1, metadata={"sealed_from": origin})
+
+
+def _lightning_meta(path: str) -> tuple[str, ...]:
+    return (LIGHTNING_META_NAME,) if os.path.isfile(os.path.join(path, LIGHTNING_META_NAME)) else ()
 
 
 def _refuse_what_is_not_a_legacy_checkpoint(path: str) -> None:
@@ -57,7 +67,7 @@ def _refuse_what_is_not_a_legacy_checkpoint(path: str) -> None:
         entries = os.listdir(path)
         if not entries:
             raise NotACheckpointError(path, "an empty directory is not a checkpoint")
-        if not is_deepspeed_layout(path) and any(looks_like_checkpoint(e) for e in entries):
+        if sharded_layout(path) is None and any(looks_like_checkpoint(e) for e in entries):
             raise UsageError(path, "this is a run directory", hint="pass one checkpoint in it")
 
 

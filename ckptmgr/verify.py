@@ -25,6 +25,8 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .dcp_layout import completeness_problems, is_dcp_layout, item_crc_problems
+from .dcp_layout import read_metadata as read_dcp_metadata
 from .errors import CkptMgrError, ManifestError, NotACheckpointError, PathNotFoundError, from_os_error
 from .hashing import FileChanged, hash_files
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, parse_manifest
@@ -382,9 +384,11 @@ def verify_legacy(path: str, *, quick: bool = False) -> VerifyResult:
         raise from_os_error(path, "reading", exc) from exc
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise NotACheckpointError(path, "not a checkpoint (a symlink or special file)")
+    if stat.S_ISDIR(mode) and is_dcp_layout(path):
+        return _verify_legacy_dcp(path, quick)
     if stat.S_ISDIR(mode) and not is_deepspeed_layout(path):
-        return VerifyResult(path, Status.INCOMPLETE,
-                            ["directory has no manifest and no DeepSpeed layout (interrupted or damaged save)"])
+        return VerifyResult(path, Status.INCOMPLETE, ["directory has no manifest and no DeepSpeed or DCP layout "
+                                                      "(interrupted or damaged save)"])
     files = _legacy_payload_files(path)
     if not files:
         if stat.S_ISDIR(mode):
@@ -412,6 +416,30 @@ def verify_legacy(path: str, *, quick: bool = False) -> VerifyResult:
     note = [] if checked else ["legacy checkpoint without zip CRC32s (old pickle format, or written with torch's "
                                "CRC32 turned off): nothing to check"]
     return VerifyResult(path, status, note if not quick else [])
+
+
+def _verify_legacy_dcp(path: str, quick: bool) -> VerifyResult:
+    """A DCP directory written without ckptmgr: complete against its ``.metadata``, and the items' CRC32s."""
+    try:
+        metadata = read_dcp_metadata(path)
+    except CkptMgrError as exc:
+        return VerifyResult(path, Status.LEGACY_CORRUPT, [exc.message])
+    problems = completeness_problems(path, metadata)
+    if problems or quick:
+        return VerifyResult(path, Status.LEGACY_CORRUPT if problems else Status.LEGACY_OK, problems)
+    checked, problems = item_crc_problems(path, metadata)
+    if problems:
+        return VerifyResult(path, Status.LEGACY_CORRUPT, problems)
+    if not checked:
+        return VerifyResult(path, Status.LEGACY_UNCHECKED, ["DCP items without zip CRC32s: only completeness checked"])
+    return VerifyResult(path, Status.LEGACY_OK)
+
+
+def sharded_layout(path: str) -> str | None:
+    """``"dcp"`` or ``"deepspeed"`` for a directory in one of those layouts, else None."""
+    if is_dcp_layout(path):
+        return "dcp"
+    return "deepspeed" if is_deepspeed_layout(path) else None
 
 
 def is_deepspeed_layout(path: str) -> bool:
@@ -514,5 +542,6 @@ def looks_like_legacy(path: str, name: str) -> bool:
 
 
 __all__ = ["Status", "VerifyResult", "check_zip_crc", "has_manifest", "is_deepspeed_layout", "list_tree",
+           "sharded_layout",
            "path_size", "read_manifest", "records_for", "verify_checkpoint", "verify_in_dir", "verify_legacy",
            "verify_named"]

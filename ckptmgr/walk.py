@@ -45,7 +45,7 @@ from .naming import (
     STATE_DIR,
     TRASH_DIR,
 )
-from .verify import has_manifest, is_deepspeed_layout, looks_like_legacy, path_size
+from .verify import has_manifest, looks_like_legacy, path_size, sharded_layout
 
 OK_STATUSES = ("valid", "legacy-ok", "legacy-unchecked", "alias")
 
@@ -111,7 +111,7 @@ def find_runs(root: str) -> tuple[list[str], list[dict[str, str]]]:
         for entry in entries:
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
-            if has_manifest(entry.path) or is_deepspeed_layout(entry.path):
+            if has_manifest(entry.path) or sharded_layout(entry.path):
                 continue  # a checkpoint: a unit, not a tree to search
             if is_run and looks_like_legacy(entry.path, entry.name):
                 continue  # a (damaged) checkpoint of this run, reported with it

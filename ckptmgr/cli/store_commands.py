@@ -15,7 +15,7 @@ from .. import catalog
 from ..aliases import read_support
 from ..errors import NotACheckpointError, PathNotFoundError
 from ..records import read_records
-from ..verify import Status, VerifyResult, has_manifest, is_deepspeed_layout, path_size, records_for, verify_checkpoint
+from ..verify import Status, VerifyResult, has_manifest, path_size, records_for, sharded_layout, verify_checkpoint
 from .output import Output, human_age, human_bytes
 
 EXIT_OK, EXIT_INVALID = 0, 1
@@ -96,7 +96,7 @@ def _verify_run(run_dir: str, quick: bool, workers: int | None, on_bytes: Any) -
 
 def is_run_directory(path: str) -> bool:
     """A directory that holds checkpoints, as opposed to a directory that is one."""
-    if not os.path.isdir(path) or os.path.islink(path) or has_manifest(path) or is_deepspeed_layout(path):
+    if not os.path.isdir(path) or os.path.islink(path) or has_manifest(path) or sharded_layout(path):
         return False
     run_dir, name = os.path.split(os.path.abspath(path))
     return not records_for(name, read_records(run_dir))
