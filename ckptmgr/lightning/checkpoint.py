@@ -11,7 +11,9 @@ places where bytes reach the disk, through public overridable methods:
   commit record, rename onto the name Lightning chose, durability hook). A
   single-payload checkpoint is the ``.ckpt`` file itself, byte for byte what
   ``torch.save`` writes; a DeepSpeed checkpoint is DeepSpeed's own directory,
-  every rank's shards hashed by the rank that wrote them. ``save_last=True``
+  and a sharded FSDP / ModelParallel checkpoint is Lightning's own DCP directory
+  (``.metadata``, ``__R_0.distcp``, ``meta.pt``), every rank's files hashed by
+  the rank that wrote them and checked against ``.metadata`` before the commit. ``save_last=True``
   after a save at the same step publishes ``last.ckpt`` as a hard link with its
   own commit record (a real file, no second write; a copy where links are not
   supported).
@@ -34,8 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from weakref import proxy
 
-from .. import aliases
-from ..errors import UsageError
+from .. import aliases, dcp_layout
+from ..errors import InvalidCheckpointError, UsageError
 from ..manager import CheckpointManager
 from ..storage import DurabilityHook
 from . import _compat, rng
@@ -131,15 +133,15 @@ class ManagedCheckpointMixin:
         """The manager (global rank 0) and the CheckpointIO plugin; also for saves made without ``setup``."""
         if trainer.is_global_zero and self.manager is None and self.dirpath is not None:
             self.manager = CheckpointManager(self.dirpath, keep_last=None, last_alias=None, **self._ckptmgr_options)
-        if not _is_deepspeed(trainer.strategy):
+        if not _writes_shards(trainer.strategy):
             from .io import ManagedCheckpointIOMixin
 
             current = trainer.strategy.checkpoint_io
             if not isinstance(current, ManagedCheckpointIOMixin):
                 trainer.strategy.checkpoint_io = _compat.module_for(self).ManagedCheckpointIO(current)
         elif self.async_save:
-            log.warning("[ckptmgr] async_save is not available with DeepSpeed (its engine writes the shards "
-                        "itself); saving synchronously")
+            log.warning("[ckptmgr] async_save is not available with %s (every rank writes its shards itself); "
+                        "saving synchronously", type(trainer.strategy).__name__)
             self.async_save = False
         if self.async_save and self.manager is not None and self._async is None:
             from ..async_save import AsyncCheckpointer
@@ -238,7 +240,7 @@ class ManagedCheckpointMixin:
 
     def _commit_save(self, trainer: Any, filepath: str) -> None:
         """One save through the commit protocol; a collective (every rank calls it)."""
-        deepspeed = _is_deepspeed(trainer.strategy)
+        sharded = _writes_shards(trainer.strategy)
         handle = staging = None
         layout = _layout(trainer)
         if trainer.is_global_zero:
@@ -246,7 +248,7 @@ class ManagedCheckpointMixin:
                 raise UsageError(filepath, "ManagedCheckpoint has no directory to save into")
             handle = self.manager.begin(
                 step=trainer.global_step, epoch=trainer.current_epoch, name=os.path.basename(filepath),
-                kind="deepspeed" if deepspeed else "lightning", shape="directory" if deepspeed else "file",
+                kind=sharded or "lightning", shape="directory" if sharded else "file",
                 world_size=trainer.world_size, layout=layout,
                 metadata={"weights_only": bool(self.save_weights_only)},
             )
@@ -254,9 +256,9 @@ class ManagedCheckpointMixin:
             if self._async is not None:
                 self._async.wait()  # at most one save in flight; raises the previous one's error
         try:
-            if deepspeed:
+            if sharded:
                 staging = trainer.strategy.broadcast(staging)
-                self._deepspeed_save(trainer, handle, staging, layout)
+                self._sharded_save(trainer, handle, staging, layout, sharded)
             else:
                 io = trainer.strategy.checkpoint_io
                 if handle is not None:
@@ -270,7 +272,7 @@ class ManagedCheckpointMixin:
                     # Lightning has applied its version counter already: a name that exists is saved over.
                     self.manager.commit(handle, replace=True)  # type: ignore[union-attr]
         except BaseException:
-            if not deepspeed:
+            if not sharded:
                 trainer.strategy.checkpoint_io.target = None
             if handle is not None and (self._async is None or not handle.submitted):
                 self.manager.abort(handle)  # type: ignore[union-attr]
@@ -288,15 +290,25 @@ class ManagedCheckpointMixin:
         self.manager.adopt(os.path.basename(filepath), step=trainer.global_step, epoch=trainer.current_epoch,
                            kind="lightning", world_size=trainer.world_size, layout=_layout(trainer))
 
-    def _deepspeed_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any]) -> None:
-        """Every rank writes its shards into the staging directory, hashed as written; rank 0 commits."""
-        from ..deepspeed import gather_and_commit
+    def _sharded_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any], kind: str) -> None:
+        """Every rank writes its shards into the staging directory and hashes them; rank 0 commits.
 
-        hasher = _shard_hasher(trainer, staging, self.manager)
-        with hasher or nullcontext():
+        DeepSpeed's files are hashed as its engine finishes each one. A DCP save goes through DCP's default
+        writer inside the strategy, so each rank hashes its files right after it (from page cache), and rank
+        0 checks them against the ``.metadata`` DCP wrote.
+        """
+        from ..collective import OwnedFiles, gather_and_commit
+
+        storage = self.manager.storage if self.manager is not None else None
+        if kind == "deepspeed":
+            hasher: Any = _shard_hasher(trainer, staging, self.manager)
+            expected, what = None, "DeepSpeed"
+        else:
+            hasher, expected, what = OwnedFiles(staging, dcp_layout.owner_rank, storage), _dcp_shards(staging), "DCP"
+        with hasher if kind == "deepspeed" else nullcontext():
             trainer.save_checkpoint(staging, self.save_weights_only)
         gather_and_commit(self.manager, handle, staging, rank=trainer.global_rank, world_size=trainer.world_size,
-                          layout=layout, hasher=hasher, replace=True)
+                          layout=layout, hasher=hasher, replace=True, expected=expected, what=what)
 
     def save_now(self, trainer: Any, reason: str) -> str | None:
         """Save at this step (time budget, preemption) unless this step is already saved."""
@@ -365,8 +377,40 @@ def _is_deepspeed(strategy: Any) -> bool:
     return type(strategy).__name__ == "DeepSpeedStrategy" or hasattr(strategy, "deepspeed_engine")
 
 
+def _writes_dcp(strategy: Any) -> bool:
+    """FSDPStrategy(state_dict_type="sharded") and ModelParallelStrategy (distributed checkpoints, the default):
+    every rank writes its shard through DCP, into a directory named like the checkpoint. Read from the
+    strategies' own settings (tests/test_lightning_dcp.py builds both, so a rename in Lightning is caught)."""
+    return getattr(strategy, "_state_dict_type", None) == "sharded" or \
+        getattr(strategy, "_save_distributed_checkpoint", None) is True
+
+
+def _writes_shards(strategy: Any) -> str | None:
+    """The kind of a checkpoint every rank writes part of ("deepspeed", "dcp"), or None (rank 0 writes it)."""
+    if _is_deepspeed(strategy):
+        return "deepspeed"
+    return "dcp" if _writes_dcp(strategy) else None
+
+
+def _dcp_shards(staging: str) -> Any:
+    """Rank 0, once every rank wrote: the files DCP's ``.metadata`` names, each there and long enough."""
+
+    def expected() -> dict[str, list[str]]:
+        metadata = dcp_layout.read_metadata(staging)
+        problems = dcp_layout.completeness_problems(staging, metadata)
+        if problems:
+            raise InvalidCheckpointError(staging, "; ".join(problems))
+        meta = dcp_layout.LIGHTNING_META_NAME
+        extra = (meta,) if os.path.isfile(os.path.join(staging, meta)) else ()
+        return dcp_layout.shards_by_rank(metadata, extra)
+
+    return expected
+
+
 def _layout(trainer: Any) -> dict[str, Any]:
     layout: dict[str, Any] = {"strategy": type(trainer.strategy).__name__}
+    if _writes_dcp(trainer.strategy):
+        layout["format"] = "dcp"
     config = getattr(trainer.strategy, "config", None)
     if isinstance(config, dict) and "zero_optimization" in config:
         from ..deepspeed import DEFAULT_TAG, expected_shards
