@@ -240,6 +240,66 @@ def bench_export(work: str, width: int, reps: int) -> dict | None:
             "rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
 
 
+# -- 6. DCP (FSDP2) -----------------------------------------------------------
+DCP_TO_TORCH_SAVE = ("import sys; from torch.distributed.checkpoint.format_utils import dcp_to_torch_save; "
+                     "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
+
+
+def bench_dcp(work: str, width: int, reps: int, nproc: int = 2) -> dict:
+    """Saves side by side on ``nproc`` ranks (benchmarks/dcp_fixture.py; GPUs when there are), then export vs
+    ``dcp_to_torch_save``."""
+    out = os.path.join(work, "dcp")
+    env = ENV if torch.cuda.is_available() else dict(ENV, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), os.path.join(HERE, "dcp_fixture.py"), out, str(width), str(reps)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    saves = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    src = CheckpointManager(os.path.join(out, "run")).resolve().path
+    runs: dict[str, list[dict]] = {"ckptmgr export": [], "dcp_to_torch_save": []}
+    parity = None
+    for rep in range(reps):
+        for name in runs:
+            target = os.path.join(work, f"dcp-export-{name.split()[0]}-{rep}")
+            cmd = ([sys.executable, "-m", "ckptmgr", "export", src, "-o", target] if name == "ckptmgr export"
+                   else [sys.executable, "-c", DCP_TO_TORCH_SAVE, src, target])
+            runs[name].append(measure_isolated(cmd, env=ENV))
+        if parity is None:
+            parity = export_parity(os.path.join(work, "dcp-export-ckptmgr-0", "model.safetensors"),
+                                   os.path.join(work, "dcp-export-dcp_to_torch_save-0"))
+        for name in runs:
+            target = os.path.join(work, f"dcp-export-{name.split()[0]}-{rep}")
+            shutil.rmtree(target) if os.path.isdir(target) else os.path.exists(target) and os.unlink(target)
+    export = {name: {"seconds": statistics.median(r["seconds"] for r in results),
+                     "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in results),
+                     "failures": sum(r["returncode"] != 0 for r in results)} for name, results in runs.items()}
+    shutil.rmtree(out)
+    a, b = export["ckptmgr export"], export["dcp_to_torch_save"]
+    return {"saves": saves, "export": export, "parity": parity, "time_ratio": a["seconds"] / b["seconds"],
+            "rss_ratio": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
+
+
+def export_parity(safetensors_file: str, torch_file: str) -> dict:
+    """Every tensor of the export bitwise equal to ``dcp_to_torch_save``'s (flattened the same way)."""
+    from safetensors.torch import load_file
+
+    ours = load_file(safetensors_file)
+    theirs = dict(_flatten(torch.load(torch_file, weights_only=False)))
+    tensors = {k: v for k, v in theirs.items() if isinstance(v, torch.Tensor)}
+    equal = ours.keys() == tensors.keys() and all(
+        ours[k].dtype == tensors[k].dtype and torch.equal(ours[k], tensors[k]) for k in ours)
+    return {"tensors": len(ours), "bitwise_equal": equal}
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 # -- 5. walk ------------------------------------------------------------------
 def bench_walk(work: str, files: int, reps: int) -> dict:
     root = os.path.join(work, "volume")
@@ -318,8 +378,37 @@ def render(results: dict, machine: str) -> str:
     w = results["walk"]
     lines += [f"### 5. Walk: `ckptmgr walk --quick` over {w['files']:,} files in {w['runs']} runs: "
               f"**{w['seconds']:.2f} s** (process start included)", ""]
+    lines += _render_dcp(results.get("dcp"))
     lines += render_gpu()
     return "\n".join(lines) + "\n"
+
+
+def _render_dcp(d: dict | None) -> list[str]:
+    lines = ["### 6. PyTorch Distributed Checkpoint: FSDP2 on 2 ranks (CPU, gloo)", ""]
+    if not d or "error" in d or any(r["failures"] for r in d["export"].values()):
+        return lines + ["Not run, or a side failed, in this invocation (see the raw JSON).", ""]
+    m, s = d["saves"]["medians"], d["saves"]
+    lines += [f"Checkpoint: {gb(s['checkpoint_bytes'])} (8 x Linear({s['width']}, {s['width']}) with AdamW state), "
+              f"{s['reps']} interleaved repetitions.", "",
+              "| | plain DCP | ckptmgr.dcp | ratio |", "|---|---|---|---|",
+              f"| save (every file written, hashed, fsynced; committed) | {m['dcp.save']:.3f} s | "
+              f"{m['ckptmgr.dcp.save']:.3f} s | {m['ckptmgr.dcp.save'] / m['dcp.save']:.2f}x |",
+              f"| async_save stall (until the call returns) | {m['dcp.async_save stall']:.3f} s | "
+              f"{m['ckptmgr.dcp.async_save stall']:.3f} s | "
+              f"{m['ckptmgr.dcp.async_save stall'] / m['dcp.async_save stall']:.2f}x |",
+              f"| async_save until the future resolves | {m['dcp.async_save total']:.3f} s | "
+              f"{m['ckptmgr.dcp.async_save total']:.3f} s | "
+              f"{m['ckptmgr.dcp.async_save total'] / m['dcp.async_save total']:.2f}x |", ""]
+    a, b = d["export"]["ckptmgr export"], d["export"]["dcp_to_torch_save"]
+    parity = d["parity"]
+    lines += ["Export of the managed checkpoint (every tensor, optimizer state included):", "",
+              "| | time | peak RSS |", "|---|---|---|",
+              f"| `ckptmgr export` (safetensors, streamed) | {a['seconds']:.2f} s | {gb(a['peak_rss_bytes'])} |",
+              f"| `dcp_to_torch_save` | {b['seconds']:.2f} s | {gb(b['peak_rss_bytes'])} |",
+              f"| ratio | {d['time_ratio']:.2f}x | {d['rss_ratio']:.2f}x |", "",
+              f"Parity: {parity['tensors']} tensors, bitwise equal to `dcp_to_torch_save`'s: "
+              f"{'yes' if parity['bitwise_equal'] else 'NO'}.", ""]
+    return lines
 
 
 def render_gpu() -> list[str]:
@@ -402,7 +491,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--output", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: save verify quick resume export walk")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="sections to skip: save verify quick resume export walk dcp")
     parser.add_argument("--reuse", default=None, help="start from the raw results of an earlier run (JSON) and "
                                                       "rerun only the sections not skipped")
     args = parser.parse_args()
@@ -411,7 +501,8 @@ def main() -> None:
     sizes = dict(save=[4 * mb] if args.smoke else [256 * mb, 1024 * mb, 4096 * mb],
                  verify=[8 * mb] if args.smoke else [1024 * mb, 10240 * mb],
                  resume=8 * mb if args.smoke else 1024 * mb, quick=200 if args.smoke else 1000,
-                 walk=500 if args.smoke else 10_000, width=64 if args.smoke else 3072)
+                 walk=500 if args.smoke else 10_000, width=64 if args.smoke else 3072,
+                 dcp_width=64 if args.smoke else 3072)
     work = tempfile.mkdtemp(prefix="ckptmgr-bench-", dir=os.environ.get("CKPTMGR_BENCH_DIR"))
     results: dict = {"reps": reps}
     if args.reuse:
@@ -423,7 +514,8 @@ def main() -> None:
                  "quick": lambda: bench_quick_verify(work, sizes["quick"], reps),
                  "resume": lambda: bench_resume(work, sizes["resume"], reps),
                  "export": lambda: bench_export(work, sizes["width"], reps if not args.smoke else 1),
-                 "walk": lambda: bench_walk(work, sizes["walk"], reps)}
+                 "walk": lambda: bench_walk(work, sizes["walk"], reps),
+                 "dcp": lambda: bench_dcp(work, sizes["dcp_width"], reps)}
         for name, step in steps.items():
             if name in args.skip:
                 continue

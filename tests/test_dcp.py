@@ -347,3 +347,58 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(baseline, tmp_path)
     result = verify_checkpoint(checkpoint)
     assert result.status is Status.LEGACY_CORRUPT and "unusable location" in result.reason
 
+
+
+# -- export ------------------------------------------------------------------------------
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("managed", [True, False], ids=["managed", "unmanaged"])
+def test_export_is_bitwise_equal_to_dcp_to_torch_save(baseline, tmp_path, managed):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src = os.path.join(baseline[0], "step=8.ckpt") if managed else _unmanaged_copy(baseline, tmp_path)
+    proc = run_cli("export", src, "-o", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    dcp_to_torch_save(src, str(tmp_path / "reference.pt"))
+    reference = {k: v for k, v in _flatten(torch.load(tmp_path / "reference.pt", weights_only=False)).items()
+                 if isinstance(v, torch.Tensor)}
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert ours.keys() == reference.keys() and report["tensors"] == len(reference)
+    for key in ours:
+        assert ours[key].dtype == reference[key].dtype and torch.equal(ours[key], reference[key]), key
+    assert "non-tensor entries left out" in report["source_kind"]  # AdamW's hyper-parameters
+    assert run_cli("verify", str(tmp_path / "out")).returncode == 0
+
+
+def test_export_of_the_model_alone_loads_into_the_plain_model(baseline, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "weights"
+    proc = run_cli("export", os.path.join(baseline[0], "step=8.ckpt"), "-o", str(out), "--select", "model.",
+                   "--strip-prefix", "model.")
+    assert proc.returncode == 0, proc.stderr
+    model = _plain_model()
+    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    assert same_tensors(model.state_dict(), load_state(os.path.join(baseline[1], "step8.pt")))
+
+
+def test_export_refuses_a_corrupt_dcp_checkpoint_and_writes_nothing(baseline, tmp_path):
+    run = _copy_run(baseline, tmp_path)
+    flip_in_item(os.path.join(run, "step=8.ckpt"), "__0_0.distcp")
+    proc = run_cli("export", os.path.join(run, "step=8.ckpt"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "refusing to export a corrupt checkpoint" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".ckptmgr")]
+    nothing = run_cli("export", os.path.join(baseline[0], "step=8.ckpt"), "-o", str(tmp_path / "none"),
+                      "--select", "nope.")
+    assert nothing.returncode == 3 and "no tensor" in nothing.stderr

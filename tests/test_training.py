@@ -236,6 +236,13 @@ def test_a_run_path_that_is_a_file_is_refused_before_anything(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine FSDP runs (benchmarks/gpu/fsdp_e2e.py)")
+def test_fsdp_without_gpus_is_refused_in_one_line_before_anything(tmp_path):
+    code, out, err = run_trainer(str(tmp_path), "run", "--strategy", "fsdp", "--max-steps", "20")
+    assert code == 2 and "--strategy fsdp needs GPUs" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "runs")
+
+
 def test_no_resume_with_a_name_at_the_length_limit(tmp_path):
     name = "r" * 240
     assert run_trainer(str(tmp_path), name, "--max-steps", "20")[0] == 0

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a preemption signal leaves; a save that cannot fit is not started")
     p.add_argument("--train-bsz", type=int, default=d.train_bsz)
     p.add_argument("--grad-acc-steps", type=int, default=d.grad_acc_steps)
-    p.add_argument("--strategy", choices=["auto", "ddp", "deepspeed"], default=d.strategy)
+    p.add_argument("--strategy", choices=["auto", "ddp", "deepspeed", "fsdp"], default=d.strategy,
+                   help="fsdp: Lightning's FSDPStrategy with sharded (DCP) checkpoints; needs GPUs")
     p.add_argument("--deepspeed-stage", type=int, choices=[1, 2, 3], default=d.deepspeed_stage)
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--accelerator", default=d.accelerator, help="auto, cpu or gpu")

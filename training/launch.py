@@ -40,7 +40,7 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RAN
 def launch(config: TrainConfig, *, durability: Any = None, started_at: float | None = None,
            rank_failure_grace_s: float = 60.0) -> RunResult:
     """Train with ``config.devices`` ranks in this container: rank 0 here, the others as subprocesses."""
-    if config.devices <= 1 or config.strategy not in ("ddp", "deepspeed"):
+    if config.devices <= 1 or config.strategy not in ("ddp", "deepspeed", "fsdp"):
         return train(config, durability=durability, started_at=started_at)
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(config.devices),
            "NODE_RANK": "0"}

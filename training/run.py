@@ -142,15 +142,16 @@ def take_the_run(config: TrainConfig) -> CheckpointManager | None:
 def train(config: TrainConfig, *, durability: DurabilityHook | None = None,
           started_at: float | None = None) -> RunResult:
     started_at = time.time() if started_at is None else started_at
+    strategy = _strategy(config)  # refused before the run directory is touched
     writer = take_the_run(config) if config.checkpointing == "managed" else None
     try:
-        return _train(config, durability, started_at)
+        return _train(config, strategy, durability, started_at)
     finally:
         if writer is not None:
             writer.close()
 
 
-def _train(config: TrainConfig, durability: DurabilityHook | None, started_at: float) -> RunResult:
+def _train(config: TrainConfig, strategy: Any, durability: DurabilityHook | None, started_at: float) -> RunResult:
     if config.checkpointing != "managed" and not config.resume:
         supersede(config.run_dir)
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -174,7 +175,7 @@ def _train(config: TrainConfig, durability: DurabilityHook | None, started_at: f
         callbacks.append(budget)
     trainer = pl.Trainer(
         default_root_dir=config.output_dir, max_steps=config.max_steps, max_epochs=config.max_epochs,
-        accumulate_grad_batches=config.grad_acc_steps, strategy=_strategy(config), devices=config.devices,
+        accumulate_grad_batches=config.grad_acc_steps, strategy=strategy, devices=config.devices,
         accelerator=config.accelerator, precision=config.precision, callbacks=callbacks, logger=False,
         enable_progress_bar=config.progress_bar, enable_model_summary=False, deterministic=True,
         num_sanity_val_steps=0, limit_val_batches=0,
@@ -198,6 +199,13 @@ def _strategy(config: TrainConfig) -> Any:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         return DeepSpeedStrategy(stage=config.deepspeed_stage)
+    if config.strategy == "fsdp":
+        if config.accelerator == "cpu" or not torch.cuda.is_available():
+            raise UsageError(None, "--strategy fsdp needs GPUs (Lightning's FSDPStrategy refuses the CPU)",
+                             hint="use --strategy ddp on CPU")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy(state_dict_type="sharded")  # every rank saves its shard through DCP
     if config.strategy == "ddp" and not torch.cuda.is_available():
         return "ddp"  # gloo on CPU
     return config.strategy

@@ -30,8 +30,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                                    "fp32 weights to the new directory OUT: model.safetensors (streamed, one tensor in "
                                    "memory at a time), sharded safetensors with an index (--max-shard-size), or "
                                    "pytorch_model.bin (--format bin). SRC: a DeepSpeed ZeRO-1/2/3 checkpoint "
-                                   "(Lightning's X.ckpt/ or DeepSpeed's dir/ with `latest`), managed or not, or a "
-                                   "single-file Lightning/torch checkpoint. OUT is published atomically with a "
+                                   "(Lightning's X.ckpt/ or DeepSpeed's dir/ with `latest`), a PyTorch Distributed "
+                                   "Checkpoint directory (.metadata + *.distcp: ckptmgr.dcp, FSDP, Lightning's sharded "
+                                   "saves; every tensor, optimizer state included, unless --select), managed or not, "
+                                   "or a single-file Lightning/torch checkpoint. OUT is published atomically with a "
                                    "manifest.")
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist)")
@@ -41,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="cast floating tensors (default: fp32 for ZeRO, keep for single files)")
     p.add_argument("--strip-prefix", action="append", default=[], metavar="PREFIX",
                    help="remove this prefix from tensor names (e.g. 'model.' or '_forward_module.'); repeatable")
+    p.add_argument("--select", action="append", default=[], metavar="PREFIX",
+                   help="export only tensors whose name starts with PREFIX (e.g. 'model.' of a DCP checkpoint, to "
+                        "leave the optimizer state out); repeatable; applied before --strip-prefix")
     p.add_argument("--tag", default=None, help="DeepSpeed tag directory (default: from `latest`)")
     p.add_argument("--force", action="store_true", help="export even if SRC does not verify (warns)")
     p.add_argument("--unsafe-load", action="store_true",
@@ -54,7 +59,8 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     bar = LazyBar(out, "exporting")
     try:
         result = export(args.src, args.output, fmt=args.format, dtype=args.dtype,
-                        strip_prefixes=tuple(args.strip_prefix), max_shard_bytes=args.max_shard_size,
+                        strip_prefixes=tuple(args.strip_prefix), select=tuple(args.select),
+                        max_shard_bytes=args.max_shard_size,
                         tag=args.tag, force=args.force, unsafe_load=args.unsafe_load, on_plan=bar.start,
                         on_tensor=lambda name, n: bar.advance(n))
     finally:

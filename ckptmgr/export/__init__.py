@@ -1,8 +1,9 @@
 """``ckptmgr export``: a checkpoint to a consolidated state dict for inference.
 
 Sources: a managed or legacy DeepSpeed ZeRO-1/2/3 checkpoint (Lightning's
-``X.ckpt/checkpoint/`` or plain ``dir/<tag>/``), or a single-file Lightning or
-torch checkpoint. The source is verified first and a corrupt one refused
+``X.ckpt/checkpoint/`` or plain ``dir/<tag>/``), a PyTorch Distributed
+Checkpoint (DCP) directory (``ckptmgr.dcp``, FSDP, Lightning's sharded saves),
+or a single-file Lightning or torch checkpoint. The source is verified first and a corrupt one refused
 (``force`` overrides, with a warning). The output is a directory published
 atomically with a manifest, so ``ckptmgr verify OUT`` checks it later:
 
@@ -25,10 +26,12 @@ import torch
 
 from ..catalog import Checkpoint
 from ..commit import ManifestFields, StagedCheckpoint, abandon
+from ..dcp_layout import is_dcp_layout
 from ..errors import CkptMgrError, InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
 from ..naming import LEGACY_STAGING_PREFIX, STATE_DIR, internal_name, new_token
 from ..storage import LocalStorage
 from ..verify import Status, has_manifest, read_manifest, verify_checkpoint
+from .dcp import DcpReader
 from .writers import SAFETENSORS_DTYPES, Planned, plan_shards, safetensors_header, write_tensor_bytes
 from .zero import TensorSpec, ZeroReader, find_zero_dir
 
@@ -105,7 +108,8 @@ def _check_source(src: str, force: bool) -> tuple[str, str, int]:
 
 
 def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = None,
-           strip_prefixes: tuple[str, ...] = (), max_shard_bytes: int | None = None, tag: str | None = None,
+           strip_prefixes: tuple[str, ...] = (), select: tuple[str, ...] = (), max_shard_bytes: int | None = None,
+           tag: str | None = None,
            force: bool = False, unsafe_load: bool = False, on_plan: Callable[[int], None] | None = None,
            on_tensor: Callable[[str, int], None] | None = None) -> ExportResult:
     started = time.monotonic()
@@ -117,14 +121,12 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
     if not os.path.isdir(os.path.dirname(out)):
         raise PathNotFoundError(os.path.dirname(out), "output's parent directory does not exist")
     inner, kind, step = _check_source(src, force)
-    zero_dir = find_zero_dir(inner, tag)
-    reader: Any = ZeroReader(zero_dir, unsafe=unsafe_load) if zero_dir else None
-    if reader is None:
-        if not os.path.isfile(inner):
-            raise NotACheckpointError(src, "neither a ZeRO checkpoint nor a single-file checkpoint")
-        reader = _FileReader(inner, unsafe=unsafe_load)
+    reader, zero_dir = _reader(src, inner, tag, unsafe_load, select)
     cast = DTYPES[dtype or ("fp32" if zero_dir else "keep")]
-    planned = _plan(reader.specs(), cast, strip_prefixes, src)
+    specs = [spec for spec in reader.specs() if not select or spec.name.startswith(select)]
+    if not specs:
+        raise NotACheckpointError(src, f"no tensor name starts with {', '.join(select)}")
+    planned = _plan(specs, cast, strip_prefixes, src)
     if fmt == "safetensors":
         unsupported = sorted({str(p.dtype) for p in planned if p.dtype not in SAFETENSORS_DTYPES})
         if unsupported:
@@ -135,7 +137,7 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
     if on_plan is not None:
         on_plan(sum(s.nbytes for s in shards))
     names = {p.name: p for p in planned}
-    renamed = dict(zip((s.name for s in reader.specs()), (p.name for p in planned), strict=True))
+    renamed = dict(zip((s.name for s in specs), (p.name for p in planned), strict=True))
 
     fields = ManifestFields(step=step, kind="export", load_path=shards[0].filename if len(shards) == 1 else
                             f"{stem}{suffix}.index.json",
@@ -147,7 +149,7 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
                               path=os.path.join(parent, f"{LEGACY_STAGING_PREFIX}{internal_name(name, token)}"))
     staged.create()
     try:
-        stream = ((renamed[n], _cast(t, cast)) for n, t in reader.tensors())
+        stream = ((renamed[n], _cast(t, cast)) for n, t in reader.tensors() if n in renamed)
         _write(staged, shards, names, stream, fmt, on_tensor)
         if len(shards) > 1:
             _write_index(staged, shards, stem, suffix)
@@ -158,7 +160,30 @@ def export(src: str, out: str, *, fmt: str = "safetensors", dtype: str | None = 
     params = sum(p.nbytes // torch.empty((), dtype=p.dtype).element_size() for p in planned)
     return ExportResult(path=out, files=[s.filename for s in shards], tensors=len(planned), parameters=params,
                         bytes=sum(s.nbytes for s in shards), seconds=round(time.monotonic() - started, 3),
-                        source=os.path.abspath(src), source_kind=kind + (f" ZeRO-{reader.stage}" if zero_dir else ""))
+                        source=os.path.abspath(src), source_kind=kind + _format_note(reader, zero_dir, kind))
+
+
+def _format_note(reader: Any, zero_dir: str | None, kind: str) -> str:
+    if zero_dir:
+        return f" ZeRO-{reader.stage}"
+    if isinstance(reader, DcpReader):
+        skipped = reader.skipped_non_tensors
+        return ("" if kind.endswith("dcp") else " DCP") + (f", {skipped} non-tensor entries left out" if skipped
+                                                          else "")
+    return ""
+
+
+def _reader(src: str, inner: str, tag: str | None, unsafe_load: bool,
+            select: tuple[str, ...]) -> tuple[Any, str | None]:
+    """The reader for what ``inner`` holds (and the ZeRO directory, when it is one)."""
+    if os.path.isdir(inner) and is_dcp_layout(inner):
+        return DcpReader(inner, select=select), None
+    zero_dir = find_zero_dir(inner, tag)
+    if zero_dir:
+        return ZeroReader(zero_dir, unsafe=unsafe_load), zero_dir
+    if not os.path.isfile(inner):
+        raise NotACheckpointError(src, "neither a ZeRO checkpoint, a DCP checkpoint nor a single-file checkpoint")
+    return _FileReader(inner, unsafe=unsafe_load), None
 
 
 def _plan(specs: list[TensorSpec], cast: torch.dtype | None, prefixes: tuple[str, ...], src: str) -> list[Planned]:
