@@ -35,7 +35,7 @@ import io
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from .catalog import Checkpoint
-from .dcp_layout import METADATA_NAME, describe, shards_by_rank
+from .dcp_layout import METADATA_NAME, read_metadata, shards_by_rank
 from .errors import CkptMgrError, CommitError, ConfigMismatchError
 from .hashing import ChunkedHasher
 from .manager import CheckpointManager, Staging
@@ -56,8 +56,17 @@ _pending_lock = threading.Lock()
 
 
 # -- writing: DCP's filesystem writer, hashing as it writes --------------------------------
+_BESIDE_MIN_BYTES = 1 << 20  # a write this large is hashed by a helper thread while it goes to disk
+_hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ckptmgr-dcp-hash")
+
+
 class _HashingStream(io.IOBase):
-    """A file DCP writes: every byte hashed on its way to ``raw`` (DCP itself seeks only by ``tell``)."""
+    """A file DCP writes: every byte hashed on its way to ``raw`` (DCP itself seeks only by ``tell``).
+
+    A large write (a tensor's bytes) is hashed by a helper thread while this thread writes the same
+    buffer; both release the GIL, so the hash costs no time beside the write. The write returns only once
+    its hash is done, so the buffer is never read after DCP reuses it, and updates stay in order.
+    """
 
     def __init__(self, raw: Any):
         self._raw = raw
@@ -67,9 +76,17 @@ class _HashingStream(io.IOBase):
         return True
 
     def write(self, data: Any) -> int:
-        self.hasher.update(data)
-        written = self._raw.write(data)
-        return written if written is not None else len(memoryview(data).cast("B"))
+        view = memoryview(data).cast("B")
+        if len(view) < _BESIDE_MIN_BYTES:
+            self.hasher.update(view)
+            written = self._raw.write(view)
+        else:
+            hashed = _hash_pool.submit(self.hasher.update, view)
+            try:
+                written = self._raw.write(view)
+            finally:
+                hashed.result()
+        return written if written is not None else len(view)
 
     def tell(self) -> int:
         return self._raw.tell()
@@ -347,7 +364,7 @@ def _begin(manager: CheckpointManager, step: int, epoch: int | None, name: str |
     if rank == 0:
         def on_finish(entries: dict[str, FileEntry], dcp_metadata: Any) -> Checkpoint:
             assert handle is not None
-            return _commit(manager, handle, entries, dcp_metadata, replace)
+            return _commit(manager, handle, entries, replace)
     try:
         return ManagedStorageWriter(staging, on_finish=on_finish, **writer_options), handle
     except BaseException:
@@ -355,10 +372,13 @@ def _begin(manager: CheckpointManager, step: int, epoch: int | None, name: str |
         raise
 
 
-def _commit(manager: CheckpointManager, handle: Staging, entries: dict[str, FileEntry], dcp_metadata: Any,
-            replace: bool) -> Checkpoint:
-    """The coordinator, after ``.metadata`` is written: every file it names hashed by its rank; then commit."""
-    described = describe(dcp_metadata, handle.path)
+def _commit(manager: CheckpointManager, handle: Staging, entries: dict[str, FileEntry], replace: bool) -> Checkpoint:
+    """The coordinator, after ``.metadata`` is written: every file it names hashed by its rank; then commit.
+
+    ``.metadata`` is read back from the staging directory (a small file, in page cache): what is checked is
+    exactly what DCP's loader will read, whatever this torch version did to the object in memory.
+    """
+    described = read_metadata(handle.path)
     unhashed = sorted((described.files | {METADATA_NAME}) - set(entries))
     if unhashed:
         raise CommitError(handle.path, f"files named in {METADATA_NAME} were not written and hashed: {unhashed}")
