@@ -1,10 +1,14 @@
-"""Asynchronous saves: snapshot to CPU, return to training, persist and commit in the background.
+"""Asynchronous saves: snapshot to host memory, return to training, persist and commit in the background.
 
-The snapshot copies every tensor into CPU buffers that are allocated once and
+The snapshot copies every tensor into host buffers that are allocated once and
 reused by later saves (pinned for CUDA tensors, so the device-to-host copy
-runs at full bandwidth); the training step is blocked only for that copy.
-A single background worker then writes, hashes and commits the checkpoint
-through the manager. Rules that keep it safe:
+runs at full bandwidth). With ``overlap=True`` (the default) ``save`` only
+issues the copy and returns: it runs beside the next step's forward and
+backward, and the next optimizer step (or any other in-place write of the
+state) waits for it (see ckptmgr.snapshot). With ``overlap=False`` the step is
+blocked for the whole copy. A single background worker then waits for the
+copy and writes, hashes and commits the checkpoint through the manager.
+Rules that keep it safe:
 
 - at most one save in flight: a new save first waits for the previous one;
 - jobs run in submission order on one worker, and a job queued after a failed
@@ -28,67 +32,49 @@ import torch
 
 from .catalog import Checkpoint
 from .manager import CheckpointManager
+from .snapshot import Snapshot, SnapshotBuffers, release_all
 
 log = logging.getLogger(__name__)
-
-
-class SnapshotBuffers:
-    """CPU copies of a (nested) state, in buffers reused across saves of the same structure."""
-
-    def __init__(self, *, pin_memory: bool | None = None):
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def snapshot(self, obj: Any) -> Any:
-        copied = self._copy(obj, "")
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies are complete
-        return copied
-
-    def _copy(self, obj: Any, key: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._copy_tensor(obj, key)
-        if isinstance(obj, dict):
-            copied = {k: self._copy(v, f"{key}/{k}") for k, v in obj.items()}
-            return copied if type(obj) is dict else type(obj)(copied)  # OrderedDict keeps its type
-        if isinstance(obj, (list, tuple)):
-            items = [self._copy(v, f"{key}/{i}") for i, v in enumerate(obj)]
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return obj  # immutable leaves (numbers, strings, None) need no copy
-
-    def _copy_tensor(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
-        tensor = tensor.detach()
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            pin = self.pin_memory and tensor.is_cuda
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-            self._buffers[key] = buffer
-        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-        return buffer
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
 class AsyncCheckpointer:
     """Background saves through a CheckpointManager."""
 
-    def __init__(self, manager: CheckpointManager, *, pin_memory: bool | None = None):
+    def __init__(self, manager: CheckpointManager, *, pin_memory: bool | None = None, overlap: bool = True,
+                 guard: bool = True):
+        """``overlap``: return before the copy is done (it overlaps the next forward/backward).
+        ``guard``: wait for the copy before any in-place write of the state on this thread, not only
+        before ``optimizer.step`` (turn off under code a ``TorchDispatchMode`` must not see)."""
         self.manager = manager
-        self.buffers = SnapshotBuffers(pin_memory=pin_memory)
+        self.overlap = overlap
+        self.buffers = SnapshotBuffers(pin_memory=pin_memory, guard=guard)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-async")
         self._in_flight: Future | None = None
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self.last_checkpoint: Checkpoint | None = None
         self.persist_seconds: list[float] = []
+        self.snapshots: list[Snapshot] = []  # the recent ones, for their timings
 
     def save(self, state: Any, *, step: int, epoch: int | None = None, **kwargs: Any) -> None:
         """Snapshot ``state`` now (blocking only for the copy) and persist it in the background."""
         self.wait()
-        snapshot = self.buffers.snapshot(state)
-        self.submit_save(lambda: self.manager.save(snapshot, step=step, epoch=epoch, **kwargs))
+        snapshot = self.start_snapshot(state)
+        self.submit_save(lambda: self.manager.save(snapshot.wait(), step=step, epoch=epoch, **kwargs))
+
+    def start_snapshot(self, state: Any) -> Snapshot:
+        """The copy of ``state`` a background job persists (``snapshot.wait()`` gives its bytes)."""
+        snapshot = self.buffers.start(state)
+        if not self.overlap:
+            snapshot.release_writers()  # training resumes only once the copy is complete
+        self.snapshots.append(snapshot)
+        del self.snapshots[:-16]
+        return snapshot
+
+    @staticmethod
+    def release_writers() -> None:
+        """Call before writing the saved state (``optimizer.step`` does it by itself): waits for the copy."""
+        release_all()
 
     def submit_save(self, job: Callable[[], Any]) -> None:
         """Run a save job in the background as *the* save in flight (timed for stop decisions)."""
@@ -126,6 +112,7 @@ class AsyncCheckpointer:
 
     def wait(self) -> Checkpoint | None:
         """Block until the save in flight is committed; raise its error."""
+        release_all()
         future, self._in_flight = self._in_flight, None
         if future is not None:
             try:

@@ -155,6 +155,10 @@ class ManagedCheckpointMixin:
             rng.restore(self._rng_to_restore[trainer.global_rank])
             self._rng_to_restore = None
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self._async is not None:
+            self._async.release_writers()  # the snapshot's copy overlapped forward/backward; the step writes
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)  # type: ignore[misc]
         if self._async is not None:

@@ -44,10 +44,10 @@ class ManagedCheckpointIOMixin:
         if saver is None:
             handle.save_torch(checkpoint, torch_crc32=manager.torch_crc32)
             return
-        snapshot = saver.buffers.snapshot(checkpoint)  # the only part that blocks training
+        snapshot = saver.start_snapshot(checkpoint)  # training waits only for the copy, and overlaps it
 
         def persist() -> Any:
-            handle.save_torch(snapshot, torch_crc32=manager.torch_crc32)
+            handle.save_torch(snapshot.wait(), torch_crc32=manager.torch_crc32)
             return manager.commit(handle, replace=True)
 
         handle.submitted = True
