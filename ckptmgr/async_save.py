@@ -28,9 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from .catalog import Checkpoint
+from .errors import UsageError
 from .manager import CheckpointManager
 from .snapshot import Snapshot, SnapshotBuffers, release_all
 
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 class AsyncCheckpointer:
     """Background saves through a CheckpointManager."""
 
-    def __init__(self, manager: CheckpointManager, *, pin_memory: bool | None = None, overlap: bool = True,
+    def __init__(self, manager: CheckpointManager | None, *, pin_memory: bool | None = None, overlap: bool = True,
                  guard: bool = True):
         """``overlap``: return before the copy is done (it overlaps the next forward/backward).
         ``guard``: wait for the copy before any in-place write of the state on this thread, not only
@@ -59,8 +58,11 @@ class AsyncCheckpointer:
     def save(self, state: Any, *, step: int, epoch: int | None = None, **kwargs: Any) -> None:
         """Snapshot ``state`` now (blocking only for the copy) and persist it in the background."""
         self.wait()
+        if self.manager is None:
+            raise UsageError(None, "AsyncCheckpointer.save needs a manager (this one only runs submitted jobs)")
+        manager = self.manager
         snapshot = self.start_snapshot(state)
-        self.submit_save(lambda: self.manager.save(snapshot.wait(), step=step, epoch=epoch, **kwargs))
+        self.submit_save(lambda: manager.save(snapshot.wait(), step=step, epoch=epoch, **kwargs))
 
     def start_snapshot(self, state: Any) -> Snapshot:
         """The copy of ``state`` a background job persists (``snapshot.wait()`` gives its bytes)."""

@@ -70,7 +70,7 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
                       world_size: int, layout: dict[str, Any], hasher: RankHasher, replace: bool = False,
                       expected: Callable[[], ShardMap] | None = None, what: str = "sharded",
                       local_rank: int | None = None, node_commit: Callable[[], None] | None = None,
-                      before_publish: Callable[[], None] | None = None) -> Checkpoint | None:
+                      before_publish: Callable[[], None] | None = None, group: Any = None) -> Checkpoint | None:
     """Collective: gather every rank's hashed files at rank 0, which checks the shards and commits.
 
     ``layout["shards"]`` names the files the checkpoint must hold; when they are known only once written
@@ -79,6 +79,7 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
     Several containers (a clustered run, each with its own view of a Volume): ``node_commit`` is called
     by every container's local rank 0 once all ranks have hashed, and ``before_publish`` (a Volume
     reload) by rank 0 after every container committed, before it publishes (see ckptmgr.modal).
+    ``group``: the process group of the collectives (a background commit uses a gloo group of its own).
     """
     import torch.distributed as dist
 
@@ -92,10 +93,10 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
         from .modal import commit_every_node
 
         commit_every_node(local_rank=rank if local_rank is None else local_rank, node_commit=node_commit,
-                          barrier=dist.barrier if distributed else lambda: None)
+                          barrier=(lambda: dist.barrier(group=group)) if distributed else lambda: None)
     gathered: list[Any] = [None] * world_size
     if distributed:
-        dist.all_gather_object(gathered, report)
+        dist.all_gather_object(gathered, report, group=group)
     else:
         gathered = [report]
     if rank == 0 and before_publish is not None:
@@ -107,7 +108,7 @@ def gather_and_commit(manager: CheckpointManager | None, handle: Any, staging: s
         checkpoint, error = _commit_gathered(manager, handle, staging, gathered, layout, expected, replace)
     outcome = [error]
     if distributed:
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=group)
     if outcome[0] is not None:
         raise CommitError(staging, f"{what} checkpoint not committed: {outcome[0]}")
     return checkpoint

@@ -205,7 +205,6 @@ class SnapshotBuffers:
         """Issue the copies of ``obj``'s tensors and return at once; see the module docstring."""
         started = time.perf_counter()
         _install_optimizer_hook()
-        release_all()  # one snapshot's writers at a time: an earlier one is ordered before this one
         sources: dict[int, torch.UntypedStorage] = {}  # by storage identity, those with bytes to copy
         copies: dict[int, torch.UntypedStorage] = {}
         versions: list[tuple[str, torch.Tensor, int]] = []
