@@ -84,9 +84,11 @@ class ManagedCheckpointMixin:
             durability: called after each publish (a Modal ``Volume.commit()``: see ``ckptmgr.modal``).
             durability_timeout_s: a durability hook that has not returned by then fails the save.
             config_fingerprint: recorded in every checkpoint; a resume under another one is refused.
-            async_save: training stalls only for a copy into reused CPU buffers; writing, hashing, committing,
-                moving ``last`` and removals happen in order in the background; a failed save is raised at the
-                next step.
+            async_save: training stalls only while the copy into reused host buffers is issued; the copy
+                overlaps the next forward/backward and the optimizer step waits for it (ckptmgr.snapshot);
+                writing, hashing, committing, moving ``last`` and removals happen in order in the background; a
+                failed save is raised at the next step. Under DeepSpeed every rank does this for its shards
+                (ckptmgr.deepspeed_async); under DCP strategies saves stay synchronous.
         """
         super().__init__(  # type: ignore[call-arg]
             dirpath=dirpath, filename=filename, monitor=monitor, verbose=verbose, save_last=save_last,
@@ -139,11 +141,13 @@ class ManagedCheckpointMixin:
             current = trainer.strategy.checkpoint_io
             if not isinstance(current, ManagedCheckpointIOMixin):
                 trainer.strategy.checkpoint_io = _compat.module_for(self).ManagedCheckpointIO(current)
-        elif self.async_save:
-            log.warning("[ckptmgr] async_save is not available with %s (every rank writes its shards itself); "
+        elif self.async_save and not _is_deepspeed(trainer.strategy):
+            log.warning("[ckptmgr] async_save is not available with %s (DCP writes every rank's shard itself); "
                         "saving synchronously", type(trainer.strategy).__name__)
             self.async_save = False
-        if self.async_save and self.manager is not None and self._async is None:
+        # Rank 0 persists a single-file save; under DeepSpeed every rank persists its own shards.
+        every_rank = _is_deepspeed(trainer.strategy)
+        if self.async_save and self._async is None and (self.manager is not None or every_rank):
             from ..async_save import AsyncCheckpointer
 
             self._async = AsyncCheckpointer(self.manager)
@@ -247,6 +251,8 @@ class ManagedCheckpointMixin:
         sharded = _writes_shards(trainer.strategy)
         handle = staging = None
         layout = _layout(trainer)
+        if self._async is not None:
+            self._async.wait()  # at most one save in flight; raises the previous one's error (on every rank)
         if trainer.is_global_zero:
             if self.manager is None:
                 raise UsageError(filepath, "ManagedCheckpoint has no directory to save into")
@@ -257,8 +263,6 @@ class ManagedCheckpointMixin:
                 metadata={"weights_only": bool(self.save_weights_only)},
             )
             staging = handle.path
-            if self._async is not None:
-                self._async.wait()  # at most one save in flight; raises the previous one's error
         try:
             if sharded:
                 staging = trainer.strategy.broadcast(staging)
@@ -304,6 +308,9 @@ class ManagedCheckpointMixin:
         from ..collective import OwnedFiles, gather_and_commit
 
         storage = self.manager.storage if self.manager is not None else None
+        if kind == "deepspeed" and self._async is not None:
+            self._deepspeed_async_save(trainer, handle, staging, layout)
+            return
         if kind == "deepspeed":
             hasher: Any = _shard_hasher(trainer, staging, self.manager)
             expected, what = None, "DeepSpeed"
@@ -313,6 +320,17 @@ class ManagedCheckpointMixin:
             trainer.save_checkpoint(staging, self.save_weights_only)
         gather_and_commit(self.manager, handle, staging, rank=trainer.global_rank, world_size=trainer.world_size,
                           layout=layout, hasher=hasher, replace=True, expected=expected, what=what)
+
+    def _deepspeed_async_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any]) -> None:
+        """Every rank snapshots its shards and returns; its writes and the commit run on ``self._async``."""
+        from ..deepspeed_async import AsyncDeepSpeedSaver, snapshotting
+
+        engine = trainer.strategy.deepspeed_engine
+        saver = AsyncDeepSpeedSaver(engine, self.manager, saver=self._async)
+        with snapshotting(engine, self._async.buffers) as stand_in:
+            trainer.save_checkpoint(staging, self.save_weights_only)
+        saver.submit(handle, staging, layout, stand_in.writer(staging, saver.storage), rank=trainer.global_rank,
+                     world_size=trainer.world_size, replace=True)
 
     def save_now(self, trainer: Any, reason: str) -> str | None:
         """Save at this step (time budget, preemption) unless this step is already saved."""
