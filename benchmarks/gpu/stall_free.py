@@ -148,6 +148,7 @@ def single(args: argparse.Namespace) -> dict:
                "dcp_async": save_dcp, "torch_save": save_torch}
     save_overlapped(), save_today(), settle()  # allocate the pinned buffers once, as a run does
     baseline = loop.timed_steps(args.base_steps)
+    print(f"[setup] {state_bytes / 1e9:.2f} GB of state, step {median(baseline):.3f} s", flush=True)
     stalls: dict[str, list[float]] = {name: [] for name in methods}
     waits: dict[str, list[float]] = {"overlapped_issue": [], "overlapped_wait": []}
     started = time.monotonic()
@@ -162,6 +163,7 @@ def single(args: argparse.Namespace) -> dict:
                 waits["overlapped_issue"].append(snapshot.issue_seconds)
                 waits["overlapped_wait"].append(snapshot.wait_seconds)
             settle()
+            print(f"[stall] {name}: {stalls[name][-1]:.3f} s", flush=True)
     report: dict = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "state_bytes": state_bytes,
         "model": {"layers": loop.layers, "width": loop.width, "batch_rows": loop.batch, "dtype": "float32",
@@ -172,13 +174,14 @@ def single(args: argparse.Namespace) -> dict:
     }
     bound = report["stall_seconds"]["pinned_copy"]["median"]
     report["ratios_to_pinned_copy"] = {name: v["median"] / bound for name, v in report["stall_seconds"].items()}
-    report["throughput"] = throughput(loop, overlapped, args, settle)
+    write(args, "stall_free_single.json", report)  # kept if the throughput part runs out of time
+    report["throughput"] = throughput(loop, overlapped, args, settle, report)
     overlapped.close()
     today.close()
     return report
 
 
-def throughput(loop: Loop, saver, args: argparse.Namespace, settle) -> dict:
+def throughput(loop: Loop, saver, args: argparse.Namespace, settle, report: dict) -> dict:
     """Steps per second over the same number of steps, with a save every N steps and with none."""
     result: dict = {}
     counter = [10**6]
@@ -198,6 +201,8 @@ def throughput(loop: Loop, saver, args: argparse.Namespace, settle) -> dict:
         result["none" if every is None else f"every_{every}"] = {
             "steps": args.throughput_steps, "saves": len(save_at), "seconds": elapsed,
             "steps_per_second": args.throughput_steps / elapsed}
+        print(f"[throughput] every {every}: {args.throughput_steps / elapsed:.3f} steps/s", flush=True)
+        write(args, "stall_free_single.json", {**report, "throughput": result})
     base = result["none"]["steps_per_second"]
     for value in result.values():
         value["ratio_to_none"] = value["steps_per_second"] / base
@@ -228,6 +233,8 @@ def deepspeed(args: argparse.Namespace) -> dict:
                                    "sync_to_async": sync / ours}
         per_stage["export"] = export_parity(args, stage)
         report["stages"][str(stage)] = per_stage
+        write(args, "stall_free_deepspeed.json", report)
+        print(f"[deepspeed] stage {stage}: {json.dumps(per_stage.get('ratios'))}", flush=True)
     return report
 
 
@@ -370,6 +377,11 @@ def export_parity(args: argparse.Namespace, stage: int) -> dict:
             "all_equal": equal == len(reference) == len(ours), "verify_exit": verify.returncode}
 
 
+def write(args: argparse.Namespace, name: str, report: dict) -> None:
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(report, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["single", "deepspeed", "ds-one"])
@@ -399,9 +411,7 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     report = single(args) if args.part == "single" else deepspeed(args)
-    name = "stall_free_single.json" if args.part == "single" else "stall_free_deepspeed.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(report, f, indent=2)
+    write(args, "stall_free_single.json" if args.part == "single" else "stall_free_deepspeed.json", report)
     print(json.dumps(report, indent=1), flush=True)
 
 
