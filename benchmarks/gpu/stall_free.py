@@ -3,9 +3,9 @@
     python benchmarks/gpu/stall_free.py single --out $OUT       # 1.0 B params + AdamW (11.8 GB), one GPU
     python benchmarks/gpu/stall_free.py deepspeed --out $OUT    # Lightning DeepSpeedStrategy ZeRO-2 and ZeRO-3
 
-Stall is what a save costs the training loop: every step is timed (the GPU synchronised at each step
-boundary, so device-side waits count too), and a save's stall is the time of the step interval that
-holds the save plus the next one (whose optimizer step may wait for the copy), less two median steps
+Stall is what a save costs the training loop: every step is timed (the training stream synchronised at
+each step boundary, as `loss.item()` would, so device-side waits count too), and a save's stall is the
+time of the step interval that holds the save plus the next one (whose optimizer step may wait for the copy), less two median steps
 without a save. Background work (persisting, hashing) runs during those steps and its interference is
 counted as well.
 
@@ -283,8 +283,8 @@ def ds_one(args: argparse.Namespace) -> None:
                                        async_save=args.method == "managed_async")
     timer = StepTimes()
 
-    trainer = pl.Trainer(accelerator="gpu", devices=args.devices, strategy=DeepSpeedStrategy(stage=args.stage, logging_batch_size_per_gpu=batch),
-                         precision="bf16-mixed", max_steps=args.ds_steps, callbacks=[timer, checkpoint],
+    strategy = DeepSpeedStrategy(stage=args.stage, logging_batch_size_per_gpu=batch)
+    trainer = pl.Trainer(accelerator="gpu", devices=args.devices, strategy=strategy, precision="bf16-mixed", max_steps=args.ds_steps, callbacks=[timer, checkpoint],
                          logger=False, enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(0)
     trainer.fit(Model())
