@@ -6,8 +6,8 @@
 Stall is what a save costs the training loop: every step is timed (the training stream synchronised at
 each step boundary, as `loss.item()` would, so device-side waits count too), and a save's stall is the
 time of the step interval that holds the save plus the next one (whose optimizer step may wait for the
-copy), less two median steps without a save. Background work (persisting, hashing) runs during those steps and its interference is
-counted as well.
+copy), less two median steps without a save. Background work (persisting, hashing) runs during those
+steps and its interference is counted as well.
 
 single: methods, interleaved per repetition:
   overlapped    AsyncCheckpointer (copy on a side stream, overlapping the next forward/backward)
@@ -285,7 +285,8 @@ def ds_one(args: argparse.Namespace) -> None:
 
     strategy = DeepSpeedStrategy(stage=args.stage, logging_batch_size_per_gpu=batch)
     trainer = pl.Trainer(accelerator="gpu", devices=args.devices, strategy=strategy, precision="bf16-mixed",
-                         max_steps=args.ds_steps, callbacks=[timer, checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False)
+                         max_steps=args.ds_steps, callbacks=[timer, checkpoint], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(0)
     trainer.fit(Model())
     torch.cuda.synchronize()
