@@ -257,7 +257,7 @@ def ds_one(args: argparse.Namespace) -> None:
 
         def training_step(self, unused, batch_idx):
             if not hasattr(self, "data"):  # the batch lives on the GPU: no host-to-device copy in the timing
-                self.data = torch.randn(batch, width, device=self.device)
+                self.data = torch.randn(batch, width, device=self.device, dtype=next(self.parameters()).dtype)
             return self.net(self.data).float().pow(2).mean()
 
         def configure_optimizers(self):
