@@ -163,8 +163,9 @@ def lightning_module(manual: bool):
         def __init__(self):
             super().__init__()
             self.automatic_optimization = not manual
-            self.net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.BatchNorm1d(256),
-                                           torch.nn.Linear(256, 1))
+            # ~2M parameters (25 MB with AdamW): each copy still runs when the next step starts
+            self.net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024),
+                                           torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1))
 
         def training_step(self, batch, batch_idx):
             loss = self.net(batch).pow(2).mean()
@@ -191,16 +192,22 @@ def fit_lightning(dirpath: str, *, async_save: bool, manual: bool, accumulate: i
     from ckptmgr.lightning import ManagedCheckpoint
 
     callback = ManagedCheckpoint(dirpath=dirpath, every_n_train_steps=1, save_top_k=-1, async_save=async_save)
+    precision_options: dict = {"precision": precision}
+    if precision == "16-mixed-grad-scaler":  # Lightning picks bf16 on CPU; AMP's scaler is asked for by name
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        precision_options = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     trainer = pl.Trainer(max_steps=6, callbacks=[callback], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", precision=precision,
-                         accumulate_grad_batches=1 if manual else accumulate)
+                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+                         accumulate_grad_batches=1 if manual else accumulate, **precision_options)
     torch.manual_seed(0)
     trainer.fit(lightning_module(manual)())
 
 
 @pytest.mark.parametrize("manual,accumulate,precision", [
-    (False, 1, "32-true"), (True, 1, "32-true"), (False, 2, "32-true"), (False, 1, "bf16-mixed")],
-    ids=["automatic", "manual-optimization", "accumulate-2", "bf16-mixed"])
+    (False, 1, "32-true"), (True, 1, "32-true"), (False, 2, "32-true"), (False, 1, "bf16-mixed"),
+    (False, 1, "16-mixed-grad-scaler")],
+    ids=["automatic", "manual-optimization", "accumulate-2", "bf16-mixed", "amp-grad-scaler"])
 def test_lightning_async_checkpoints_equal_the_sync_ones(tmp_path, manual, accumulate, precision):
     """A save after every step, so each snapshot's copy races the next step's forward (BatchNorm) and step."""
     for mode in ("sync", "async"):
