@@ -414,6 +414,8 @@ def _render_dcp(d: dict | None) -> list[str]:
 def render_gpu() -> list[str]:
     lines = ["## GPU (from benchmarks/results/*.json)", ""]
     path = os.path.join(HERE, "results")
+    lines += _render_stall_free(os.path.join(path, "gpu_h200_stall_free_single.json"),
+                                os.path.join(path, "gpu_h200_stall_free_deepspeed_zero2_1gpu.json"))
     stalls = sorted(glob.glob(os.path.join(path, "gpu_*async_stall*.json")))
     for file in stalls:
         with open(file) as f:
@@ -432,7 +434,9 @@ def render_gpu() -> list[str]:
         with open(file) as f:
             d = json.load(f)
         ex = d["export"]
-        lines += [f"### DeepSpeed ZeRO-{d['stage']} through Lightning, 2x H100 (`{os.path.basename(file)}`)", "",
+        gpu = "H200" if "h200" in os.path.basename(file) else "H100"
+        lines += [f"### DeepSpeed ZeRO-{d['stage']} through Lightning, {d.get('devices', 2)}x {gpu} "
+                  f"(`{os.path.basename(file)}`)", "",
                   f"- save per save event: ManagedCheckpoint {d['managed_save']['seconds_per_save_event']:.2f} s "
                   f"(one write, hashed, fsynced, committed; `last` is an alias) vs Lightning's ModelCheckpoint "
                   f"{d['lightning_save']['seconds_per_save_event']:.2f} s ({d['lightning_save']['writes']} writes for "
@@ -446,6 +450,47 @@ def render_gpu() -> list[str]:
                   f"{gb(ex['deepspeed_via_lightning']['peak_rss_bytes'])}; bitwise equal: "
                   f"{ex.get('parity', {}).get('bitwise_equal')}/{ex.get('parity', {}).get('tensors_reference')} "
                   f"tensors"] + [f"- note: {note}" for note in d.get("notes", [])] + [""]
+    return lines
+
+
+def _render_stall_free(single_file: str, deepspeed_file: str) -> list[str]:
+    """benchmarks/gpu/stall_free.py: the overlapped snapshot (one GPU) and async DeepSpeed saves."""
+    if not os.path.exists(single_file):
+        return []
+    with open(single_file) as f:
+        d = json.load(f)
+    bound = d["stall_seconds"]["pinned_copy"]["median"]
+    names = {"overlapped": "ckptmgr overlapped (`AsyncCheckpointer`)",
+             "today": "ckptmgr, copy blocking (`overlap=False`)",
+             "pinned_copy": "copy into preallocated pinned buffers", "dcp_async": "DCP `async_save`",
+             "torch_save": "`torch.save` + fsync"}
+    model = d["model"]
+    lines = [f"### Stall-free saves, {d['state_bytes'] / 1e9:.1f} GB of state (1.0 B params + AdamW), "
+             f"{d['device']}, torch {d['torch']} (`{os.path.basename(single_file)}`; method in docs/GPU.md)", "",
+             f"A step: {model['layers']} x Linear({model['width']}, {model['width']}), {model['dtype']}, batch of "
+             f"{model['batch_rows']} rows, {d['step_seconds_median']:.3f} s. Repetitions: "
+             f"{len(d['stall_seconds']['overlapped']['all'])}.", "",
+             "| method | stall per save | ratio to the pinned-copy bound |", "|---|---|---|"]
+    for key, m in d["stall_seconds"].items():
+        lines.append(f"| {names.get(key, key)} | {m['median']:.4f} s | {m['median'] / bound:.3f}x |")
+    throughput = d.get("throughput", {})
+    base = throughput.get("none", {}).get("steps_per_second")
+    lines += ["", "| saves | steps | steps/s | ratio to none |", "|---|---|---|---|"]
+    for key, t in throughput.items():
+        lines.append(f"| {key.replace('_', ' ')} | {t['steps']} | {t['steps_per_second']:.3f} | "
+                     f"{t['steps_per_second'] / base:.3f}x |")
+    lines.append("")
+    if os.path.exists(deepspeed_file):
+        with open(deepspeed_file) as f:
+            ds = json.load(f)
+        for stage, m in ds["stages"].items():
+            lines += [f"Lightning DeepSpeed ZeRO-{stage}, {ds['devices']} GPU(s) "
+                      f"(`{os.path.basename(deepspeed_file)}`), stall per save event: "
+                      f"async {m['managed_async']['stall_per_save_event']:.2f} s, "
+                      f"sync {m['managed_sync']['stall_per_save_event']:.2f} s, "
+                      f"Lightning's own {m['lightning']['stall_per_save_event']:.2f} s; pinned copy of the shards "
+                      f"{m['managed_async']['pinned_copy_seconds']:.3f} s; export of the newest async checkpoint "
+                      f"bitwise equal to zero_to_fp32: {m['export'].get('all_equal')}.", ""]
     return lines
 
 
