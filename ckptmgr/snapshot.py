@@ -54,6 +54,7 @@ _pending: list[Snapshot] = []  # snapshots whose sources may not be written yet 
 _stale_guards: list[_WriteGuard] = []  # guards released from inside dispatch, popped at the next chance
 _hook_lock = threading.Lock()
 _hook_installed = False
+_release_lock = threading.RLock()  # the guard may release from an autograd thread
 
 
 def release_all() -> None:
@@ -151,23 +152,24 @@ class Snapshot:
 
     def release_writers(self) -> None:
         """Writers of the sources may proceed once the copy is done; idempotent."""
-        if self._released:
-            return
-        started = time.perf_counter()
-        self._released = True
-        for device, event in self._events.items():
-            torch.cuda.current_stream(device).wait_event(event)  # the GPU orders the writes; the host runs on
-        if self._copied is not None:
-            self._copied.result()
-        self._judge()  # anything written before this point was not ordered after the copy
-        if self in _pending:
-            _pending.remove(self)
-        guard, self.guard = self.guard, None
-        if guard is not None:
-            guard.snapshot = None
-            _stale_guards.append(guard)
-            _pop_stale_guards()  # from inside the guard's own dispatch it is popped at the next chance
-        self.wait_seconds += time.perf_counter() - started
+        with _release_lock:
+            if self._released:
+                return
+            started = time.perf_counter()
+            for device, event in self._events.items():
+                torch.cuda.current_stream(device).wait_event(event)  # the GPU orders the writes; the host runs on
+            if self._copied is not None:
+                self._copied.result()
+            self._judge()  # anything written before this point was not ordered after the copy
+            self._released = True
+            if self in _pending:
+                _pending.remove(self)
+            guard, self.guard = self.guard, None
+            if guard is not None:
+                guard.snapshot = None
+                _stale_guards.append(guard)
+                _pop_stale_guards()  # from inside the guard's own dispatch it is popped at the next chance
+            self.wait_seconds += time.perf_counter() - started
 
     def wait(self) -> Any:
         """Block until the copy is complete; return the copied state, or raise if it is torn."""
@@ -192,7 +194,13 @@ class Snapshot:
 
 
 class SnapshotBuffers:
-    """Host buffers for snapshots, allocated once and reused by saves of the same structure."""
+    """Host buffers for snapshots, allocated once and reused by saves of the same structure.
+
+    A buffer is keyed by where its tensor sits in the state and its storage's size; one whose key no
+    later save uses stays allocated until the SnapshotBuffers is dropped. The caller makes sure a
+    buffer is not copied into while an earlier snapshot in it is still being persisted (one save in
+    flight: AsyncCheckpointer waits for the previous save first).
+    """
 
     def __init__(self, *, pin_memory: bool | None = None, guard: bool = True):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
