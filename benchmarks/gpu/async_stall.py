@@ -29,6 +29,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from ckptmgr.snapshot import iter_tensors  # noqa: E402
+
 
 def build_state(params: float, device: str) -> tuple[dict, int]:
     width = 6144
@@ -39,19 +42,8 @@ def build_state(params: float, device: str) -> tuple[dict, int]:
     optimizer.step()  # materialise exp_avg / exp_avg_sq
     optimizer.zero_grad(set_to_none=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    nbytes = sum(t.numel() * t.element_size() for t in iter_tensors(state))
     return state, nbytes
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def fsync_tree(path: str) -> None:
@@ -72,7 +64,7 @@ class Methods:
         self.saver = AsyncCheckpointer(CheckpointManager(os.path.join(work, "managed-async"), keep_last=None).open())
         self.step = 0
         pin = torch.cuda.is_available()
-        self.pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in _tensors(state)]
+        self.pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in iter_tensors(state)]
 
     def torch_save_sync(self) -> tuple[float, float]:
         path = os.path.join(self.work, "plain.pt")
@@ -138,7 +130,7 @@ class Methods:
 
     def pinned_copy(self) -> tuple[float, float]:
         t0 = time.perf_counter()
-        for buffer, tensor in zip(self.pinned, _tensors(self.state), strict=True):
+        for buffer, tensor in zip(self.pinned, iter_tensors(self.state), strict=True):
             buffer.copy_(tensor, non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

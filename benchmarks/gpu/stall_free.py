@@ -82,14 +82,6 @@ class Loop:
         return durations
 
 
-def fsync_tree(path: str) -> None:
-    for d, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-
-
 def single(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
