@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-config", action="store_true", help="resume a checkpoint written under another config")
     p.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     p.add_argument("--async-save", action="store_true",
-                   help="snapshot to CPU and persist in the background (training stalls only for the copy)")
+                   help="snapshot to host memory and persist in the background: the copy overlaps the next "
+                        "forward/backward and the optimizer step waits for it (with DeepSpeed, on every rank)")
     p.add_argument("--checkpointing", choices=["managed", "lightning"], default=d.checkpointing,
                    help="lightning: Lightning's plain ModelCheckpoint, no resume (a benchmark baseline)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
