@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -278,8 +279,10 @@ class SnapshotBuffers:
             pin = self.pin_memory and source.device.type == "cuda"
             buffer = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
             self._buffers[key] = buffer
-        if source.device.type != "cpu":
+        if source.device.type != "cpu" and buffer.data_ptr() not in _DEVICE_OF:
             _DEVICE_OF[buffer.data_ptr()] = str(source.device)
+            # Forgotten with the buffer: memory allocated later at that address is someone else's.
+            weakref.finalize(buffer, _DEVICE_OF.pop, buffer.data_ptr(), None)
         return buffer
 
     def _issue(self, sources: dict[int, torch.UntypedStorage],

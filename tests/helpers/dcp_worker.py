@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -142,3 +143,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # As in ds_worker.py: a rank may abort in gloo's C++ teardown at interpreter exit ("terminate called
+    # without an active exception", seen under load) after all work is done and reported; leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
