@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -90,17 +91,22 @@ class SnapshotFileWriter:
         import torch
 
         written: list[str] = []
-        try:
-            for path, snapshot in self.files:
-                torch.save(snapshot.wait(), path, _use_new_zipfile_serialization=self.zipfile)
-                written.append(os.path.relpath(path, self.staging))
-            hashed = sync_and_hash(self.storage, self.staging, written)
-            rest = owned_files(self.staging, rank, world_size, owner_rank, skip=set(written))
-            return sorted(hashed + sync_and_hash(self.storage, self.staging, rest), key=lambda e: e.path)
-        except CkptMgrError:
-            raise
-        except Exception as exc:  # reported to rank 0 through the gather, as any failure to persist
-            raise CommitError(self.staging, f"background write failed: {exc.__class__.__name__}: {exc}") from exc
+        # Each file is fsynced and hashed (from page cache) by a helper thread while the next one is written.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptmgr-ds-hash") as pool:
+            hashed: list[Future[list[FileEntry]]] = []
+            try:
+                for path, snapshot in self.files:
+                    torch.save(snapshot.wait(), path, _use_new_zipfile_serialization=self.zipfile)
+                    written.append(os.path.relpath(path, self.staging))
+                    hashed.append(pool.submit(sync_and_hash, self.storage, self.staging, written[-1:]))
+                entries = [entry for future in hashed for entry in future.result()]
+                rest = owned_files(self.staging, rank, world_size, owner_rank, skip=set(written))
+                return sorted(entries + sync_and_hash(self.storage, self.staging, rest), key=lambda e: e.path)
+            except CkptMgrError:
+                raise
+            except Exception as exc:  # reported to rank 0 through the gather, as any failure to persist
+                raise CommitError(self.staging, f"background write failed: {exc.__class__.__name__}: {exc}") \
+                    from exc
 
 
 @contextmanager

@@ -192,6 +192,7 @@ class Snapshot:
         with self._lock:
             if self._torn is None:
                 self._torn = [key for key, tensor, version in self._versions if tensor._version != version]
+                self._versions = []  # the sources are no longer needed: do not keep temporaries alive
 
 
 class SnapshotBuffers:
