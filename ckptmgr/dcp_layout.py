@@ -262,6 +262,12 @@ def shards_by_rank(metadata: DcpMetadata, extra: tuple[str, ...] = ()) -> dict[s
     return shards
 
 
+def shards_in(path: str, metadata: DcpMetadata) -> dict[str, list[str]]:
+    """Each rank's files in the DCP directory ``path``; Lightning's ``meta.pt`` counts when it is there."""
+    extra = (LIGHTNING_META_NAME,) if os.path.isfile(os.path.join(path, LIGHTNING_META_NAME)) else ()
+    return shards_by_rank(metadata, extra)
+
+
 __all__ = ["DcpMetadata", "Item", "LIGHTNING_META_NAME", "METADATA_NAME", "completeness_problems", "dcp_missing",
            "describe", "is_dcp_layout", "item_crc_problems", "owner_rank", "parse_metadata", "read_metadata",
-           "read_range", "shards_by_rank"]
+           "read_range", "shards_by_rank", "shards_in"]

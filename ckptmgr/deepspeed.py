@@ -129,24 +129,34 @@ def save(engine: Any, manager: CheckpointManager, *, step: int, epoch: int | Non
     import torch.distributed as dist
 
     rank, world_size = engine.global_rank, engine.world_size
-    stage = int(engine.zero_optimization_stage())
-    layout = {"zero_stage": stage, "tag": tag, "dp_world_size": world_size,
-              "shards": expected_shards(tag, world_size, stage, bf16=bool(engine.bfloat16_enabled()))}
-    handle = None
-    box: list[Any] = [None]
-    if rank == 0:
-        handle = manager.begin(step=step, epoch=epoch, kind="deepspeed", load_path=".", world_size=world_size,
-                               layout=layout, metadata=metadata)
-        box = [handle.path]
-    if dist.is_initialized() and world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    staging = box[0]
+    handle, staging, layout = begin_save(engine, manager, step=step, epoch=epoch, tag=tag, metadata=metadata)
     with ShardHasher(engine, staging, manager.storage) as hasher:
         engine.save_checkpoint(staging, tag=tag, client_state=client_state or {})
     if dist.is_initialized():
         dist.barrier()
     return gather_and_commit(manager if rank == 0 else None, handle, staging, rank=rank, world_size=world_size,
                              layout=layout, hasher=hasher, what="DeepSpeed")
+
+
+def begin_save(engine: Any, manager: CheckpointManager | None, *, step: int, epoch: int | None, tag: str,
+               metadata: dict[str, Any] | None) -> tuple[Any, str, dict[str, Any]]:
+    """A collective: rank 0 begins the managed save; every rank gets (handle or None, staging dir, layout)."""
+    import torch.distributed as dist
+
+    rank, world_size = engine.global_rank, engine.world_size
+    stage = int(engine.zero_optimization_stage())
+    layout = {"zero_stage": stage, "tag": tag, "dp_world_size": world_size,
+              "shards": expected_shards(tag, world_size, stage, bf16=bool(engine.bfloat16_enabled()))}
+    handle = None
+    box: list[Any] = [None]
+    if rank == 0:
+        assert manager is not None, "rank 0 needs the manager"
+        handle = manager.begin(step=step, epoch=epoch, kind="deepspeed", load_path=".", world_size=world_size,
+                               layout=layout, metadata=metadata)
+        box = [handle.path]
+    if dist.is_initialized() and world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return handle, box[0], layout
 
 
 def load(engine: Any, manager: CheckpointManager, **load_kwargs: Any) -> tuple[Checkpoint, dict[str, Any]]:
@@ -173,5 +183,5 @@ def check_world_size(checkpoint: Checkpoint, world_size: int) -> None:
 
 
 # Defined in ckptmgr.collective (shared with the DCP path); importable from here as before.
-__all__ = ["DEFAULT_TAG", "ShardHasher", "check_shards", "check_world_size", "expected_shards", "gather_and_commit",
-           "load", "missing_shards", "owner_rank", "save"]
+__all__ = ["DEFAULT_TAG", "ShardHasher", "begin_save", "check_shards", "check_world_size", "expected_shards",
+           "gather_and_commit", "load", "missing_shards", "owner_rank", "save"]

@@ -34,7 +34,7 @@ from .async_save import AsyncCheckpointer
 from .catalog import Checkpoint
 from .collective import gather_and_commit, owned_files
 from .commit import sync_and_hash
-from .deepspeed import DEFAULT_TAG, expected_shards, owner_rank
+from .deepspeed import DEFAULT_TAG, begin_save, owner_rank
 from .errors import CkptMgrError, CommitError
 from .manager import CheckpointManager
 from .manifest import FileEntry
@@ -153,23 +153,10 @@ class AsyncDeepSpeedSaver:
     def save(self, *, step: int, epoch: int | None = None, client_state: dict[str, Any] | None = None,
              metadata: dict[str, Any] | None = None) -> None:
         """Snapshot this rank's shards and return; the previous save's failure is raised here, on every rank."""
-        import torch.distributed as dist
-
         self.saver.wait()
         engine, rank, world_size = self.engine, self.engine.global_rank, self.engine.world_size
-        stage = int(engine.zero_optimization_stage())
-        layout = {"zero_stage": stage, "tag": self.tag, "dp_world_size": world_size,
-                  "shards": expected_shards(self.tag, world_size, stage, bf16=bool(engine.bfloat16_enabled()))}
-        handle = None
-        box: list[Any] = [None]
-        if rank == 0:
-            assert self.manager is not None, "rank 0 needs the manager"
-            handle = self.manager.begin(step=step, epoch=epoch, kind="deepspeed", load_path=".",
-                                        world_size=world_size, layout=layout, metadata=metadata)
-            box = [handle.path]
-        if dist.is_initialized() and world_size > 1:
-            dist.broadcast_object_list(box, src=0)
-        staging = box[0]
+        handle, staging, layout = begin_save(engine, self.manager, step=step, epoch=epoch, tag=self.tag,
+                                             metadata=metadata)
         try:
             with snapshotting(engine, self.saver.buffers) as stand_in:
                 engine.save_checkpoint(staging, tag=self.tag, client_state=client_state or {})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from .catalog import Checkpoint
-from .dcp_layout import LIGHTNING_META_NAME, read_metadata, shards_by_rank
+from .dcp_layout import read_metadata, shards_in
 from .errors import InvalidCheckpointError, NotACheckpointError, PathNotFoundError, UsageError
 from .manager import CheckpointManager
 from .naming import STATE_DIR, looks_like_checkpoint, parse_name
@@ -44,13 +44,9 @@ def seal(path: str, *, step: int | None = None, epoch: int | None = None,
     origin = "legacy-directory" if os.path.isdir(path) else "legacy-file"
     layout: dict = {}
     if kind == "dcp":  # each rank's files, as a managed DCP save records them
-        layout = {"format": "dcp", "shards": shards_by_rank(read_metadata(path), _lightning_meta(path))}
+        layout = {"format": "dcp", "shards": shards_in(path, read_metadata(path))}
     return manager.adopt(os.path.basename(path), step=step, epoch=epoch, kind=kind, layout=layout,
                          world_size=len(layout.get("shards", {})) or 1, metadata={"sealed_from": origin})
-
-
-def _lightning_meta(path: str) -> tuple[str, ...]:
-    return (LIGHTNING_META_NAME,) if os.path.isfile(os.path.join(path, LIGHTNING_META_NAME)) else ()
 
 
 def _refuse_what_is_not_a_legacy_checkpoint(path: str) -> None:

@@ -422,9 +422,7 @@ def _dcp_shards(staging: str) -> Any:
         problems = dcp_layout.completeness_problems(staging, metadata)
         if problems:
             raise InvalidCheckpointError(staging, "; ".join(problems))
-        meta = dcp_layout.LIGHTNING_META_NAME
-        extra = (meta,) if os.path.isfile(os.path.join(staging, meta)) else ()
-        return dcp_layout.shards_by_rank(metadata, extra)
+        return dcp_layout.shards_in(staging, metadata)
 
     return expected
 
