@@ -1,6 +1,8 @@
 """Stall-free checkpoints on a GPU, measured in a training loop, side by side in one run.
 
     python benchmarks/gpu/stall_free.py single --out $OUT       # 1.0 B params + AdamW (11.8 GB), one GPU
+    python benchmarks/gpu/stall_free.py stall --out $OUT        # its first half: the stall per save
+    python benchmarks/gpu/stall_free.py throughput --out $OUT   # its second half: throughput
     python benchmarks/gpu/stall_free.py deepspeed --out $OUT    # Lightning DeepSpeedStrategy ZeRO-2 and ZeRO-3
 
 Stall is what a save costs the training loop: every step is timed (the training stream synchronised at
@@ -15,7 +17,8 @@ single: methods, interleaved per repetition:
   pinned_copy   a copy into preallocated pinned buffers, synchronised (the bound "today" cannot beat)
   dcp_async     torch.distributed.checkpoint.async_save (single process)
   torch_save    torch.save + fsync
-then training throughput with a save every N steps (N = 10 and 50) against no checkpointing.
+then training throughput with a save every N steps (N = 10 and 50) against no checkpointing: windows of
+the same number of steps in a mirrored order (none, 10, 50, 10, none), every step's time recorded.
 
 deepspeed: for each stage, one Trainer per method (Lightning's ModelCheckpoint, ManagedCheckpoint sync,
 ManagedCheckpoint async), saving every --every steps; and the time to copy that rank's shards (the state
@@ -144,6 +147,25 @@ def single(args: argparse.Namespace) -> dict:
     save_overlapped(), save_today(), settle()  # allocate the pinned buffers once, as a run does
     baseline = loop.timed_steps(args.base_steps)
     print(f"[setup] {state_bytes / 1e9:.2f} GB of state, step {median(baseline):.3f} s", flush=True)
+    report: dict = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "state_bytes": state_bytes,
+        "model": {"layers": loop.layers, "width": loop.width, "batch_rows": loop.batch, "dtype": "float32",
+                  "tf32": torch.backends.cuda.matmul.allow_tf32},
+        "step_seconds_median": median(baseline),
+    }
+    if args.part in ("single", "stall"):
+        report.update(stall_per_save(loop, methods, overlapped, settle, baseline, args))
+        write(args, "stall_free_single.json", report)  # kept if the throughput part runs out of time
+    if args.part in ("single", "throughput"):
+        report["throughput"] = throughput(loop, overlapped, args, settle, report)
+    overlapped.close()
+    today.close()
+    return report
+
+
+def stall_per_save(loop: Loop, methods: dict, overlapped, settle, baseline: list[float],
+                   args: argparse.Namespace) -> dict:
+    """Every method's stall, the methods interleaved in each repetition."""
     stalls: dict[str, list[float]] = {name: [] for name in methods}
     waits: dict[str, list[float]] = {"overlapped_issue": [], "overlapped_wait": []}
     started = time.monotonic()
@@ -159,48 +181,57 @@ def single(args: argparse.Namespace) -> dict:
                 waits["overlapped_wait"].append(snapshot.wait_seconds)
             settle()
             print(f"[stall] {name}: {stalls[name][-1]:.3f} s", flush=True)
-    report: dict = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "state_bytes": state_bytes,
-        "model": {"layers": loop.layers, "width": loop.width, "batch_rows": loop.batch, "dtype": "float32",
-                  "tf32": torch.backends.cuda.matmul.allow_tf32},
-        "step_seconds_median": median(baseline),
-        "stall_seconds": {name: {"median": median(v), "all": v} for name, v in stalls.items()},
-        "overlapped_host_seconds": {k: median(v) for k, v in waits.items()},
-    }
-    bound = report["stall_seconds"]["pinned_copy"]["median"]
-    report["ratios_to_pinned_copy"] = {name: v["median"] / bound for name, v in report["stall_seconds"].items()}
-    write(args, "stall_free_single.json", report)  # kept if the throughput part runs out of time
-    report["throughput"] = throughput(loop, overlapped, args, settle, report)
-    overlapped.close()
-    today.close()
-    return report
+    bound = median(stalls["pinned_copy"])
+    return {"stall_seconds": {name: {"median": median(v), "all": v} for name, v in stalls.items()},
+            "overlapped_host_seconds": {k: median(v) for k, v in waits.items()},
+            "ratios_to_pinned_copy": {name: median(v) / bound for name, v in stalls.items()}}
 
 
 def throughput(loop: Loop, saver, args: argparse.Namespace, settle, report: dict) -> dict:
-    """Steps per second over the same number of steps, with a save every N steps and with none."""
-    result: dict = {}
+    """Steps per second with a save every N steps against none, over windows of the same number of steps.
+
+    The windows run in a mirrored order (none, N1, N2, ..., N1, none) so that a slow drift of the GPU's
+    speed (clocks settle as it heats over minutes) weighs on every configuration alike. A window saves at
+    steps 0, N, 2N, ...: each save's persist runs beside the steps of the window (N steps take longer than a
+    persist); the time a persist still needs when the window ends is recorded, not hidden.
+    """
     counter = [10**6]
 
     def save() -> None:
         counter[0] += 1
         saver.save(loop.state(), step=counter[0])
 
-    for every in [None, *args.every]:
+    configs: list[int | None] = [None, *args.every]
+    order = configs + configs[-2::-1]
+    windows: dict[str, list[dict]] = {}
+    result: dict = {"order": ["none" if every is None else f"every_{every}" for every in order], "windows": windows}
+    for every in order:
         settle()
         torch.cuda.synchronize()
-        save_at = {i: save for i in range(args.throughput_steps) if every and (i + 1) % every == 0}
+        save_at = {i: save for i in range(args.throughput_steps) if every and i % every == 0}
         started = time.perf_counter()
-        loop.timed_steps(args.throughput_steps, save_at=save_at)
-        elapsed = time.perf_counter() - started  # persists overlap the steps after their save; the last one
-        saver.wait()  # would overlap the steps after the window, so it is waited for outside it
-        result["none" if every is None else f"every_{every}"] = {
+        durations = loop.timed_steps(args.throughput_steps, save_at=save_at)
+        elapsed = time.perf_counter() - started
+        waited = time.perf_counter()
+        saver.wait()
+        key = "none" if every is None else f"every_{every}"
+        windows.setdefault(key, []).append({
             "steps": args.throughput_steps, "saves": len(save_at), "seconds": elapsed,
-            "steps_per_second": args.throughput_steps / elapsed}
-        print(f"[throughput] every {every}: {args.throughput_steps / elapsed:.3f} steps/s", flush=True)
-        write(args, "stall_free_single.json", {**report, "throughput": result})
-    base = result["none"]["steps_per_second"]
-    for value in result.values():
-        value["ratio_to_none"] = value["steps_per_second"] / base
+            "persist_left_at_end_seconds": time.perf_counter() - waited,
+            "step_seconds": durations})
+        print(f"[throughput] {key}: {args.throughput_steps / elapsed:.4f} steps/s", flush=True)
+        write(args, "stall_free_throughput.json", {**report, "throughput": result})
+    for key, runs in windows.items():
+        steps, seconds = sum(r["steps"] for r in runs), sum(r["seconds"] for r in runs)
+        result[key] = {"windows": len(runs), "steps": steps, "saves": sum(r["saves"] for r in runs),
+                       "seconds": seconds, "steps_per_second": steps / seconds}
+    base = result["none"]
+    for key in windows:
+        value = result[key]
+        value["ratio_to_none"] = value["steps_per_second"] / base["steps_per_second"]
+        if value["saves"]:  # time lost per save against the same steps without saving
+            value["seconds_lost_per_save"] = (value["seconds"] - base["seconds"] * value["steps"] / base["steps"]) \
+                / value["saves"]
     return result
 
 
@@ -384,7 +415,7 @@ def write(args: argparse.Namespace, name: str, report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["single", "deepspeed", "ds-one"])
+    parser.add_argument("part", choices=["single", "stall", "throughput", "deepspeed", "ds-one"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/ckptmgr-stall-free")
     parser.add_argument("--params", type=float, default=1.0e9)
@@ -412,8 +443,10 @@ def main() -> None:
         ds_one(args)
         return
     os.makedirs(args.out, exist_ok=True)
-    report = single(args) if args.part == "single" else deepspeed(args)
-    write(args, "stall_free_single.json" if args.part == "single" else "stall_free_deepspeed.json", report)
+    report = deepspeed(args) if args.part == "deepspeed" else single(args)
+    names = {"single": "stall_free_single.json", "stall": "stall_free_single.json",
+             "throughput": "stall_free_throughput.json", "deepspeed": "stall_free_deepspeed.json"}
+    write(args, names[args.part], report)
     print(json.dumps(report, indent=1), flush=True)
 
 
