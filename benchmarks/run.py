@@ -415,7 +415,8 @@ def render_gpu() -> list[str]:
     lines = ["## GPU (from benchmarks/results/*.json)", ""]
     path = os.path.join(HERE, "results")
     lines += _render_stall_free(os.path.join(path, "gpu_h200_stall_free_single.json"),
-                                os.path.join(path, "gpu_h200_stall_free_deepspeed_zero2_1gpu.json"))
+                                os.path.join(path, "gpu_h200_stall_free_throughput.json"),
+                                os.path.join(path, "gpu_h200_stall_free_deepspeed_1gpu.json"))
     stalls = sorted(glob.glob(os.path.join(path, "gpu_*async_stall*.json")))
     for file in stalls:
         with open(file) as f:
@@ -453,7 +454,7 @@ def render_gpu() -> list[str]:
     return lines
 
 
-def _render_stall_free(single_file: str, deepspeed_file: str) -> list[str]:
+def _render_stall_free(single_file: str, throughput_file: str, deepspeed_file: str) -> list[str]:
     """benchmarks/gpu/stall_free.py: the overlapped snapshot (one GPU) and async DeepSpeed saves."""
     if not os.path.exists(single_file):
         return []
@@ -469,29 +470,74 @@ def _render_stall_free(single_file: str, deepspeed_file: str) -> list[str]:
              f"{d['device']}, torch {d['torch']} (`{os.path.basename(single_file)}`; method in docs/GPU.md)", "",
              f"A step: {model['layers']} x Linear({model['width']}, {model['width']}), {model['dtype']}, batch of "
              f"{model['batch_rows']} rows, {d['step_seconds_median']:.3f} s. Repetitions: "
-             f"{len(d['stall_seconds']['overlapped']['all'])}.", "",
-             "| method | stall per save | ratio to the pinned-copy bound |", "|---|---|---|"]
+             f"{len(d['stall_seconds']['overlapped']['all'])}, methods interleaved.", "",
+             "| method | stall per save (median) | largest | median / pinned-copy bound | largest / bound |",
+             "|---|---|---|---|---|"]
     for key, m in d["stall_seconds"].items():
-        lines.append(f"| {names.get(key, key)} | {m['median']:.4f} s | {m['median'] / bound:.3f}x |")
-    throughput = d.get("throughput", {})
-    base = throughput.get("none", {}).get("steps_per_second")
-    lines += ["", "| saves | steps | steps/s | ratio to none |", "|---|---|---|---|"]
-    for key, t in throughput.items():
-        lines.append(f"| {key.replace('_', ' ')} | {t['steps']} | {t['steps_per_second']:.3f} | "
-                     f"{t['steps_per_second'] / base:.3f}x |")
+        worst = max(m["all"])
+        lines.append(f"| {names.get(key, key)} | {m['median']:.4f} s | {worst:.4f} s | {m['median'] / bound:.3f}x | "
+                     f"{worst / bound:.3f}x |")
+    issue = d.get("overlapped_host_seconds", {})
+    if issue:
+        lines += ["", f"The overlapped save's own host time: {issue['overlapped_issue'] * 1e3:.1f} ms to issue the "
+                  f"copy, {issue['overlapped_wait'] * 1e3:.2f} ms waited by the next optimizer step (medians). A stall "
+                  "below zero is a step-time fluctuation: the save costs less than the noise of two steps."]
     lines.append("")
-    if os.path.exists(deepspeed_file):
-        with open(deepspeed_file) as f:
-            ds = json.load(f)
-        for stage, m in ds["stages"].items():
-            lines += [f"Lightning DeepSpeed ZeRO-{stage}, {ds['devices']} GPU(s) "
-                      f"(`{os.path.basename(deepspeed_file)}`), stall per save event: "
-                      f"async {m['managed_async']['stall_per_save_event']:.2f} s, "
-                      f"sync {m['managed_sync']['stall_per_save_event']:.2f} s, "
-                      f"Lightning's own {m['lightning']['stall_per_save_event']:.2f} s; pinned copy of the shards "
-                      f"{m['managed_async']['pinned_copy_seconds']:.3f} s; export of the newest async checkpoint "
-                      f"bitwise equal to zero_to_fp32: {m['export'].get('all_equal')}.", ""]
+    for file in sorted(glob.glob(throughput_file.replace(".json", "*.json"))):
+        lines += _render_throughput(file)
+    lines += _render_deepspeed_stall(deepspeed_file)
     return lines
+
+
+def _render_throughput(file: str) -> list[str]:
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        d = json.load(f)
+    t = d["throughput"]
+    lines = [f"Training throughput, same model and batch (`{os.path.basename(file)}`): windows of "
+             f"{t['none']['steps'] // t['none']['windows']} steps in the order {', '.join(t['order'])} "
+             "(a drift of the GPU's speed weighs on every configuration alike); saves at steps 0, N, 2N, ... of "
+             "a window, their persists inside it.", "",
+             "| saves | windows | steps | saves made | steps/s | ratio to none | time lost per save |",
+             "|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys(t["order"]):
+        v = t[key]
+        lost = f"{v['seconds_lost_per_save']:.3f} s" if "seconds_lost_per_save" in v else "-"
+        lines.append(f"| {key.replace('_', ' ')} | {v['windows']} | {v['steps']} | {v['saves']} | "
+                     f"{v['steps_per_second']:.4f} | {v['ratio_to_none']:.4f}x | {lost} |")
+    runs = [r for windows in t["windows"].values() for r in windows]
+    left = max(r["persist_left_at_end_seconds"] for r in runs)
+    lines += ["", f"Longest persist still running at a window's end: {left:.3f} s."]
+    persists = [p for r in runs for p in r.get("persist_seconds", [])]
+    calls = [c for r in runs for c in r.get("save_call_seconds", [])]
+    if persists:  # recorded since the second run
+        lines.append(f"Persist of a save (write, fsync, hash, commit, retention): {min(persists):.1f}-"
+                     f"{max(persists):.1f} s; `save()` calls: {', '.join(f'{c:.3f}' for c in calls)} s (a call waits "
+                     "for the previous save's persist when it is still running: one save in flight).")
+    return lines + [""]
+
+
+def _render_deepspeed_stall(file: str) -> list[str]:
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        ds = json.load(f)
+    lines = [f"Lightning `DeepSpeedStrategy`, {ds['devices']} GPU(s), stall per save event "
+             f"(`{os.path.basename(file)}`): the median over the save events after the first; the first event "
+             "allocates the pinned buffers and is shown apart.", "",
+             "| ZeRO | checkpoint | ckptmgr async | first async save | ckptmgr sync | Lightning's own | "
+             "pinned copy of the shards | async / copy | Lightning / async | export = zero_to_fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for stage, m in ds["stages"].items():
+        a, s, light = m["managed_async"], m["managed_sync"], m["lightning"]
+        export = m["export"]
+        lines.append(f"| {stage} | {a['checkpoint_bytes'] / 1e9:.2f} GB | {a['stall_per_save_event']:.3f} s | "
+                     f"{a.get('first_save_stall') or float('nan'):.2f} s | {s['stall_per_save_event']:.2f} s | "
+                     f"{light['stall_per_save_event']:.2f} s | {a['pinned_copy_seconds']:.3f} s | "
+                     f"{m['ratios']['async_to_pinned_copy']:.2f}x | {m['ratios']['lightning_to_async']:.0f}x | "
+                     f"{export.get('bitwise_equal')}/{export.get('tensors')} tensors |")
+    return lines + [""]
 
 
 def _render_persist(file: str) -> list[str]:

@@ -196,10 +196,13 @@ def throughput(loop: Loop, saver, args: argparse.Namespace, settle, report: dict
     persist); the time a persist still needs when the window ends is recorded, not hidden.
     """
     counter = [10**6]
+    call_seconds: list[float] = []
 
     def save() -> None:
         counter[0] += 1
-        saver.save(loop.state(), step=counter[0])
+        started = time.perf_counter()
+        saver.save(loop.state(), step=counter[0])  # waits first for the previous save's persist, if running
+        call_seconds.append(time.perf_counter() - started)
 
     configs: list[int | None] = [None, *args.every]
     order = configs + configs[-2::-1]
@@ -208,6 +211,7 @@ def throughput(loop: Loop, saver, args: argparse.Namespace, settle, report: dict
     for every in order:
         settle()
         torch.cuda.synchronize()
+        call_seconds.clear()
         save_at = {i: save for i in range(args.throughput_steps) if every and i % every == 0}
         started = time.perf_counter()
         durations = loop.timed_steps(args.throughput_steps, save_at=save_at)
@@ -218,7 +222,8 @@ def throughput(loop: Loop, saver, args: argparse.Namespace, settle, report: dict
         windows.setdefault(key, []).append({
             "steps": args.throughput_steps, "saves": len(save_at), "seconds": elapsed,
             "persist_left_at_end_seconds": time.perf_counter() - waited,
-            "step_seconds": durations})
+            "save_call_seconds": list(call_seconds), "persist_seconds": saver.persist_seconds[-len(save_at):]
+            if save_at else [], "step_seconds": durations})
         print(f"[throughput] {key}: {args.throughput_steps / elapsed:.4f} steps/s", flush=True)
         write(args, "stall_free_throughput.json", {**report, "throughput": result})
     for key, runs in windows.items():
