@@ -454,12 +454,19 @@ def render_gpu() -> list[str]:
     return lines
 
 
+def _read_result(file: str) -> dict | None:
+    """A GPU run's raw JSON, or None when that run has not been made."""
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
 def _render_stall_free(single_file: str, throughput_file: str, deepspeed_file: str) -> list[str]:
     """benchmarks/gpu/stall_free.py: the overlapped snapshot (one GPU) and async DeepSpeed saves."""
-    if not os.path.exists(single_file):
+    d = _read_result(single_file)
+    if d is None:
         return []
-    with open(single_file) as f:
-        d = json.load(f)
     bound = d["stall_seconds"]["pinned_copy"]["median"]
     names = {"overlapped": "ckptmgr overlapped (`AsyncCheckpointer`)",
              "today": "ckptmgr, copy blocking (`overlap=False`)",
@@ -490,10 +497,9 @@ def _render_stall_free(single_file: str, throughput_file: str, deepspeed_file: s
 
 
 def _render_throughput(file: str) -> list[str]:
-    if not os.path.exists(file):
+    d = _read_result(file)
+    if d is None:
         return []
-    with open(file) as f:
-        d = json.load(f)
     t = d["throughput"]
     lines = [f"Training throughput, same model and batch (`{os.path.basename(file)}`): windows of "
              f"{t['none']['steps'] // t['none']['windows']} steps in the order {', '.join(t['order'])} "
@@ -519,10 +525,9 @@ def _render_throughput(file: str) -> list[str]:
 
 
 def _render_deepspeed_stall(file: str) -> list[str]:
-    if not os.path.exists(file):
+    ds = _read_result(file)
+    if ds is None:
         return []
-    with open(file) as f:
-        ds = json.load(f)
     lines = [f"Lightning `DeepSpeedStrategy`, {ds['devices']} GPU(s), stall per save event "
              f"(`{os.path.basename(file)}`): the median over the save events after the first; the first event "
              "allocates the pinned buffers and is shown apart.", "",
@@ -541,10 +546,9 @@ def _render_deepspeed_stall(file: str) -> list[str]:
 
 
 def _render_persist(file: str) -> list[str]:
-    if not os.path.exists(file):
+    d = _read_result(file)
+    if d is None:
         return []
-    with open(file) as f:
-        d = json.load(f)
     lines = [f"### Persist breakdown, {d['state_bytes'] / 1e9:.1f} GB of CPU state, {d['cores']} cores, median of "
              f"{d['reps']} (`{os.path.basename(file)}`, `benchmarks/gpu/persist_breakdown.py`)", "",
              "| method | total | phases | throughput vs raw |", "|---|---|---|---|"]
@@ -561,10 +565,9 @@ def _render_persist(file: str) -> list[str]:
 
 
 def _render_host_verify(file: str) -> list[str]:
-    if not os.path.exists(file):
+    d = _read_result(file)
+    if d is None:
         return []
-    with open(file) as f:
-        d = json.load(f)
     return [f"### Verify on the GPU host ({d['host']}; median of {d['reps']}; `{os.path.basename(file)}`)", "",
             "| data | cache | ckptmgr verify | cat | throughput ratio |", "|---|---|---|---|---|",
             *_verify_rows(d["verify"]), ""]

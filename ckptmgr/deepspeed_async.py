@@ -24,7 +24,7 @@ raised by every rank's next save (or ``wait``), never a hang.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
@@ -154,21 +154,27 @@ class AsyncDeepSpeedSaver:
              metadata: dict[str, Any] | None = None) -> None:
         """Snapshot this rank's shards and return; the previous save's failure is raised here, on every rank."""
         self.saver.wait()
-        engine, rank, world_size = self.engine, self.engine.global_rank, self.engine.world_size
+        engine = self.engine
         handle, staging, layout = begin_save(engine, self.manager, step=step, epoch=epoch, tag=self.tag,
                                              metadata=metadata)
         try:
-            with snapshotting(engine, self.saver.buffers) as stand_in:
-                engine.save_checkpoint(staging, tag=self.tag, client_state=client_state or {})
+            self.snapshot_and_submit(
+                lambda: engine.save_checkpoint(staging, tag=self.tag, client_state=client_state or {}),
+                handle, staging, layout)
         except BaseException:
             if handle is not None:
                 self.manager.abort(handle)  # type: ignore[union-attr]
             raise
-        self.submit(handle, staging, layout, stand_in.writer(staging, self.storage), rank=rank, world_size=world_size)
 
-    def submit(self, handle: Any, staging: str, layout: dict[str, Any], writer: SnapshotFileWriter, *,
-               rank: int, world_size: int, replace: bool = False) -> None:
+    def snapshot_and_submit(self, save_checkpoint: Callable[[], Any], handle: Any, staging: str,
+                            layout: dict[str, Any], *, replace: bool = False) -> None:
+        """Run ``save_checkpoint`` (which calls ``engine.save_checkpoint`` into ``staging``) with the checkpoint
+        engine only snapshotting, then queue the background write and commit of what it was given."""
+        with snapshotting(self.engine, self.saver.buffers) as stand_in:
+            save_checkpoint()
+        writer = stand_in.writer(staging, self.storage)
         manager, group = self.manager, self.group
+        rank, world_size = self.engine.global_rank, self.engine.world_size
 
         def persist() -> Checkpoint | None:
             return gather_and_commit(manager if rank == 0 else None, handle, staging, rank=rank,

@@ -139,7 +139,7 @@ class Snapshot:
     """
 
     def __init__(self, state: Any, versions: list[tuple[str, torch.Tensor, int]],
-                 events: dict[torch.device, Any], copied: Future | None, started: float):
+                 events: dict[torch.device, Any], copied: Future | None):
         self.state = state
         self._versions = versions
         self._events = events
@@ -148,7 +148,7 @@ class Snapshot:
         self._torn: list[str] | None = None  # None until judged; then the keys written during the copy
         self._released = False
         self.guard: _WriteGuard | None = None
-        self.issue_seconds = time.perf_counter() - started  # the training thread's time in start()
+        self.issue_seconds = 0.0  # the training thread's time in start()
         self.wait_seconds = 0.0  # the training thread's time in release_writers()
 
     def release_writers(self) -> None:
@@ -220,7 +220,7 @@ class SnapshotBuffers:
         versions: list[tuple[str, torch.Tensor, int]] = []
         state = self._copy(obj, prefix, sources, copies, versions, {})
         events, copied = self._issue(sources, copies)
-        snapshot = Snapshot(state, versions, events, copied, started)
+        snapshot = Snapshot(state, versions, events, copied)
         if sources:
             _pending.append(snapshot)
             if self.guard:

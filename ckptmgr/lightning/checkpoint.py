@@ -323,14 +323,11 @@ class ManagedCheckpointMixin:
 
     def _deepspeed_async_save(self, trainer: Any, handle: Any, staging: str, layout: dict[str, Any]) -> None:
         """Every rank snapshots its shards and returns; its writes and the commit run on ``self._async``."""
-        from ..deepspeed_async import AsyncDeepSpeedSaver, snapshotting
+        from ..deepspeed_async import AsyncDeepSpeedSaver
 
-        engine = trainer.strategy.deepspeed_engine
-        saver = AsyncDeepSpeedSaver(engine, self.manager, saver=self._async)
-        with snapshotting(engine, self._async.buffers) as stand_in:
-            trainer.save_checkpoint(staging, self.save_weights_only)
-        saver.submit(handle, staging, layout, stand_in.writer(staging, saver.storage), rank=trainer.global_rank,
-                     world_size=trainer.world_size, replace=True)
+        saver = AsyncDeepSpeedSaver(trainer.strategy.deepspeed_engine, self.manager, saver=self._async)
+        saver.snapshot_and_submit(lambda: trainer.save_checkpoint(staging, self.save_weights_only), handle, staging,
+                                  layout, replace=True)
 
     def save_now(self, trainer: Any, reason: str) -> str | None:
         """Save at this step (time budget, preemption) unless this step is already saved."""
